@@ -1,0 +1,39 @@
+"""rald_hf: RALD fine-grained facial expression recognition as a timm / Hugging Face transformers model.
+
+Importing the package registers ``RALDConfig`` with ``AutoConfig`` and the models with ``AutoModel`` and
+``AutoModelForImageClassification``, and marks them for remote code, so that ``save_pretrained`` writes an
+``auto_map`` and the model files into every checkpoint.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .configuration_rald import RALDConfig
+from .labels import LabelSpace, MissingWordsError, load_word_vectors
+from .modeling_rald import (
+    RALDForImageClassification,
+    RALDImageClassifierOutput,
+    RALDModel,
+    RALDModelOutput,
+    RALDPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(RALDConfig.model_type, RALDConfig, exist_ok=True)
+AutoModel.register(RALDConfig, RALDModel, exist_ok=True)
+AutoModelForImageClassification.register(RALDConfig, RALDForImageClassification, exist_ok=True)
+RALDConfig.register_for_auto_class()
+RALDModel.register_for_auto_class("AutoModel")
+RALDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "LabelSpace",
+    "MissingWordsError",
+    "RALDConfig",
+    "RALDForImageClassification",
+    "RALDImageClassifierOutput",
+    "RALDModel",
+    "RALDModelOutput",
+    "RALDPreTrainedModel",
+    "load_word_vectors",
+]
