@@ -132,6 +132,8 @@ class RALDConfig(PreTrainedConfig):
     """
 
     model_type = "rald"
+    # Outputs that Trainer.predict and evaluate leave out: only the logits are gathered.
+    keys_to_ignore_at_inference = ["image_relations", "last_hidden_state", "backbone_features", "hidden_states"]
 
     backbone: str = "resnet18"
     backbone_kwargs: dict | None = None

@@ -276,6 +276,18 @@ class LabelSpace:
         return cls(names, parents, level_names=tree.level_names, name=tree.name)
 
     @classmethod
+    def from_config(cls, config: Any) -> LabelSpace:
+        """Rebuild the label space stored in a `RALDConfig` (its ``level_labels`` and ``parent_ids``)."""
+        if getattr(config, "level_labels", None) is None:
+            raise ValueError("The config has no label space")
+        levels = config.level_labels
+        parents = [
+            {child: levels[depth + 1][i] for child, i in zip(levels[depth], indices, strict=True)}
+            for depth, indices in enumerate(config.parent_ids)
+        ]
+        return cls(levels[0], parents, level_names=config.level_names, name=config.label_space_name)
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LabelSpace:
         """Build a label space from its `to_dict` form or from ``{"labels": [...], "parent_of": {...}}``."""
         if "labels" not in data:

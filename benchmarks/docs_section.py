@@ -1,0 +1,55 @@
+"""Write one benchmark's section of docs/benchmarks.md, between markers that name it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def machine_description() -> str:
+    """Describe the CPU, core count and software versions of this machine in one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {device}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+
+
+def command_line() -> str:
+    """Return the command that is running, as a user would type it."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(DOCS.parents[1])
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *map(shlex.quote, sys.argv[1:])])
+
+
+def write_section(name: str, body: str) -> Path:
+    """Replace (or append) the section ``name`` of docs/benchmarks.md with ``body``."""
+    start, end = f"<!-- {name}: start -->", f"<!-- {name}: end -->"
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = before + block + after
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOCS.write_text(text)
+    return DOCS

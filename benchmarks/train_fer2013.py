@@ -1,0 +1,208 @@
+"""Accuracy of RALD variants against a linear-head baseline on FER2013, over several seeds.
+
+Every row uses the same recipe and budget: a stratified, seeded training subset (7,245 images, the size of
+FG-Emotions' training set, by default), the checkpoint with the best accuracy on validation.parquet
+(PublicTest), scored on test.parquet (PrivateTest) with shuffled evaluation batches. Each run is stored as
+JSON under --runs-dir, so an interrupted benchmark resumes where it stopped, and the table is rebuilt from
+all stored runs.
+
+Usage:
+    python benchmarks/train_fer2013.py --variants baseline rald-l --seeds 0 1 2 --epochs 6 --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rald_hf.training import train_rald
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import command_line, machine_description, write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Each variant: RALDConfig overrides, plus optional "label_space" and "training" (RALDTrainingArguments fields).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {"use_itrr": False, "use_lgifo": False, "nnldl_weight": 0.0, "hidden_size": None},
+    "rald-l": {},
+    "rald-valence": {"label_space": "fer2013-valence"},
+    "no-itrr": {"use_itrr": False},
+    "no-lgifo": {"use_lgifo": False},
+    "no-nnldl": {"nnldl_weight": 0.0},
+    "literal": {"attention_residual": False},
+    "pre-norm": {"norm_first": True},
+    "nnldl-paper": {"nnldl_reduction": "paper"},
+    "nnldl-ramp": {"training": {"nnldl_warmup_steps": 150}},
+    "nnldl-uniform": {"nnldl_weighting": "uniform"},
+    "nnldl-no-detach": {"nnldl_detach_target": False},
+    "nnldl-self": {"nnldl_include_self": True},
+    "nnldl-k10": {"num_neighbors": 10},
+}
+
+DESCRIPTIONS = {
+    "baseline": "backbone + linear head, cross-entropy",
+    "rald-l": "RALD-L: ITRR + LGIFO + NNLDL, no tree (defaults)",
+    "rald-valence": "RALD with the fer2013-valence tree",
+    "no-itrr": "RALD-L without ITRR",
+    "no-lgifo": "RALD-L without LGIFO",
+    "no-nnldl": "RALD-L without NNLDL",
+    "literal": "RALD-L without the residual path (equations as written)",
+    "pre-norm": "RALD-L with pre-norm blocks",
+    "nnldl-paper": "RALD-L, NNLDL divided by N*Cf (published normalisation)",
+    "nnldl-ramp": "RALD-L, NNLDL weight ramped in over 150 steps",
+    "nnldl-uniform": "RALD-L, uniform neighbour weights",
+    "nnldl-no-detach": "RALD-L, gradients through the NNLDL target",
+    "nnldl-self": "RALD-L, an image counts among its own neighbours",
+    "nnldl-k10": "RALD-L, k = 10 neighbours",
+}
+
+
+def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train and score one variant with one seed; return the stored record."""
+    spec = dict(VARIANTS[variant])
+    label_space = spec.pop("label_space", "fer2013")
+    training = {
+        "num_train_epochs": args.epochs,
+        "per_device_train_batch_size": args.batch_size,
+        "per_device_eval_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "optim": "sgd",
+        "optim_args": "momentum=0.9",
+        "weight_decay": args.weight_decay,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": args.warmup_steps,
+        "seed": seed,
+        "disable_tqdm": True,
+        "logging_steps": 20,
+        "save_only_model": True,
+        "dataloader_num_workers": args.workers,
+    }
+    training.update(spec.pop("training", {}))
+    overrides = {"backbone": args.backbone, "image_size": args.image_size, **spec}
+    output_dir = Path(args.runs_dir) / f"{args.tag}-{variant}-seed{seed}"
+    data_dir = Path(os.environ["RALD_DATA_DIR"])
+    weights = data_dir / "weights" / f"{args.backbone}.in1k.safetensors" if args.pretrained else None
+
+    result = train_rald(
+        data_dir / "fer2013",
+        output_dir,
+        label_space=label_space,
+        config_overrides=overrides,
+        backbone_weights=weights,
+        training_args=training,
+        max_train_samples=args.train_size,
+    )
+    return {
+        "variant": variant,
+        "seed": seed,
+        "tag": args.tag,
+        "test_accuracy": result.metrics["accuracy"],
+        "test_macro_f1": result.metrics["macro_f1"],
+        "train_seconds": result.train_seconds,
+        "settings": {
+            "backbone": args.backbone,
+            "pretrained": args.pretrained,
+            "image_size": args.image_size,
+            "epochs": args.epochs,
+            "train_size": args.train_size,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+        },
+    }
+
+
+def summarize(records: list[dict[str, Any]], tag: str) -> str:
+    """Build the Markdown table of one benchmark tag: mean and spread per variant, paired differences."""
+    rows = [r for r in records if r["tag"] == tag]
+    by_variant: dict[str, dict[int, float]] = {}
+    for record in rows:
+        by_variant.setdefault(record["variant"], {})[record["seed"]] = 100 * record["test_accuracy"]
+    baseline = by_variant.get("baseline", {})
+    lines = [
+        "| variant | PrivateTest accuracy, mean ± std (%) | per seed | paired difference to baseline (points) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for variant in VARIANTS:
+        if variant not in by_variant:
+            continue
+        scores = by_variant[variant]
+        values = np.array([scores[s] for s in sorted(scores)])
+        per_seed = ", ".join(f"{scores[s]:.2f}" for s in sorted(scores))
+        shared = sorted(set(scores) & set(baseline))
+        if variant != "baseline" and shared:
+            differences = np.array([scores[s] - baseline[s] for s in shared])
+            spread = f" ± {differences.std(ddof=1):.2f}" if len(differences) > 1 else ""
+            paired = f"{differences.mean():+.2f}{spread} (n={len(differences)})"
+        else:
+            paired = ""
+        std = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
+        lines.append(f"| {variant}: {DESCRIPTIONS[variant]} | {values.mean():.2f}{std} | {per_seed} | {paired} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--backbone", default="mobilenetv2_100")
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=float, default=6)
+    parser.add_argument("--train-size", type=int, default=7245, help="training images; 0 for the whole split")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=0.01)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument("--tag", default="mobilenetv2-64", help="name of this benchmark configuration")
+    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "benchmarks"))
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "train_fer2013.jsonl"))
+    parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    args = parser.parse_args()
+    if not os.environ.get("RALD_DATA_DIR"):
+        sys.exit("Set RALD_DATA_DIR to the folder that contains fer2013/ and weights/")
+    if args.train_size == 0:
+        args.train_size = None
+
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    records = []
+    if results.exists():
+        records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        done = {(r["tag"], r["variant"], r["seed"]) for r in records}
+    for seed in args.seeds:
+        for variant in args.variants:
+            if (args.tag, variant, seed) in done:
+                continue
+            print(f"== {args.tag} {variant} seed {seed}", flush=True)
+            record = run_one(variant, seed, args)
+            records.append(record)
+            with results.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            print(f"   accuracy {100 * record['test_accuracy']:.2f} %, {record['train_seconds']:.0f} s", flush=True)
+
+    table = summarize(records, args.tag)
+    print(table)
+    if args.write_docs:
+        seconds = [r["train_seconds"] for r in records if r["tag"] == args.tag]
+        body = (
+            f"Command: `{command_line()}`\n\n"
+            f"Machine: {machine_description()}.\n\n"
+            f"Budget per run: {args.epochs:g} epochs of {args.train_size or 'all'} training images at "
+            f"{args.image_size} px, batch {args.batch_size}, SGD (momentum 0.9) at {args.learning_rate:g} with cosine "
+            f"decay; {'ImageNet-pretrained' if args.pretrained else 'randomly initialised'} {args.backbone}; "
+            f"training took {np.median(seconds):.0f} s per run (median of {len(seconds)}).\n\n" + table
+        )
+        print(f"Wrote {write_section(f'train_fer2013 {args.tag}', body)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""End-to-end jobs behind the CLI and the benchmarks: train, evaluate and predict.
+
+Each function takes plain arguments that map one to one onto `RALDConfig` fields, `RALDTrainingArguments`
+fields or its own parameters, so the CLI stays a thin layer of argument parsing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import DatasetDict
+
+from ..configuration_rald import RALDConfig
+from ..image_processing_rald import RALDImageProcessor, to_rgb_image
+from ..labels import LabelSpace
+from ..modeling_rald import RALDForImageClassification
+from .data import LabeledSplits, load_image_dataset, prepare_splits
+from .metrics import classification_metrics, make_compute_metrics, plot_confusion_matrix, plot_tsne, write_metrics
+from .trainer import RALDTrainer, RALDTrainingArguments
+
+__all__ = [
+    "TrainingResult",
+    "evaluate_checkpoint",
+    "predict_images",
+    "resolve_label_space",
+    "train_rald",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingResult:
+    """What `train_rald` produced."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+    evaluated_split: str | None
+    train_seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def resolve_label_space(spec: LabelSpace | str | Path | None, splits_source: DatasetDict | None = None) -> LabelSpace:
+    """Turn a label-space argument into a `LabelSpace`.
+
+    Args:
+        spec: A `LabelSpace`; a preset name; a path to a label-tree JSON file (`LabelSpace.from_dict` form);
+            or ``None`` for the dataset's own class names with no tree.
+        splits_source: The dataset, needed when ``spec`` is ``None``.
+    """
+    if isinstance(spec, LabelSpace):
+        return spec
+    if spec is None:
+        if splits_source is None:
+            raise ValueError("Without a preset or label tree the label space comes from the dataset; pass one")
+        first = next(iter(splits_source.values()))
+        from .data import find_columns
+
+        _, label_column = find_columns(first)
+        return LabelSpace.from_class_label(first.features[label_column])
+    if str(spec) in LabelSpace.available_presets():
+        return LabelSpace.from_preset(str(spec))
+    path = Path(spec)
+    if path.suffix == ".json" or path.exists():
+        return LabelSpace.from_json_file(path)
+    raise ValueError(
+        f"Label space {spec!r} is neither a preset ({LabelSpace.available_presets()}) nor a label-tree JSON file"
+    )
+
+
+def _training_arguments(output_dir: Path, training_args: RALDTrainingArguments | dict | None) -> RALDTrainingArguments:
+    if isinstance(training_args, RALDTrainingArguments):
+        return training_args
+    values = {
+        "output_dir": str(output_dir),
+        "eval_strategy": "epoch",
+        "save_strategy": "epoch",
+        "save_total_limit": 1,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "accuracy",
+        "report_to": "none",
+        "logging_steps": 10,
+    }
+    values.update(training_args or {})
+    return RALDTrainingArguments(**values)
+
+
+def train_rald(
+    dataset: str | Path | DatasetDict,
+    output_dir: str | Path,
+    label_space: LabelSpace | str | Path | None = None,
+    rald_l: bool = False,
+    config_overrides: dict[str, Any] | None = None,
+    backbone_weights: str | Path | None = None,
+    training_args: RALDTrainingArguments | dict[str, Any] | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    train_split: str = "train",
+    validation_split: str | None = "validation",
+    test_split: str | None = "test",
+    word_vectors: str | Path | None = None,
+    tsne: bool = False,
+) -> TrainingResult:
+    """Train a RALD classifier on a dataset, evaluate it and save everything into ``output_dir``.
+
+    Args:
+        dataset: Anything `rald_hf.training.load_image_dataset` accepts, or a loaded `DatasetDict`.
+        output_dir: Where checkpoints, the final model, its image processor, ``metrics.json``, the per-class
+            table and ``confusion_matrix.png`` go.
+        label_space: See `resolve_label_space`. The dataset's class names must all be in it.
+        rald_l: Drop the tree and the hierarchy bias (RALD-L).
+        config_overrides: `RALDConfig` fields, such as ``backbone``, ``image_size`` or ``num_neighbors``.
+        backbone_weights: A local timm checkpoint for the backbone (see `RALDModel.load_backbone_weights`).
+        training_args: `RALDTrainingArguments`, or a dict of fields that overrides this function's defaults
+            (evaluation and saving every epoch, keeping the checkpoint with the best validation accuracy).
+        max_train_samples: Train on a stratified, seeded subset of this size.
+        max_eval_samples: Evaluate on stratified, seeded subsets of this size.
+        train_split: Name of the training split.
+        validation_split: Split for per-epoch evaluation and checkpoint selection, or ``None``.
+        test_split: Split scored at the end into ``metrics.json``, or ``None`` to score the validation split.
+        word_vectors: Word vectors for the label embeddings (default: the shipped GloVe vocabulary).
+        tsne: Also save ``tsne.png``, a t-SNE map of the final image features of the scored split.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not isinstance(dataset, DatasetDict):
+        dataset = load_image_dataset(dataset)
+    if validation_split is not None and validation_split not in dataset:
+        logger.warning("The dataset has no %r split; training without per-epoch evaluation", validation_split)
+        validation_split = None
+    if test_split is not None and test_split not in dataset:
+        logger.warning("The dataset has no %r split; scoring the validation split instead", test_split)
+        test_split = None
+
+    space = resolve_label_space(label_space, dataset)
+    overrides = dict(config_overrides or {})
+    if rald_l:
+        space = space.without_tree()
+        overrides["use_hierarchy_bias"] = False
+    config = RALDConfig.from_label_space(space, vectors=word_vectors, **overrides)
+    args = _training_arguments(output_dir, training_args)
+    if validation_split is None and args.eval_strategy != "no":
+        args.eval_strategy = "no"
+        args.load_best_model_at_end = False
+    torch.manual_seed(args.seed)
+    model = RALDForImageClassification(config)
+    if backbone_weights is not None:
+        model.load_backbone_weights(str(backbone_weights))
+    num_parameters = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "Training %s (%s backbone, %.2f M parameters) on %s", space, config.backbone, num_parameters / 1e6, space
+    )
+
+    processor = RALDImageProcessor.from_backbone(model.rald.backbone, image_size=config.image_size)
+    splits = prepare_splits(
+        dataset,
+        space,
+        processor,
+        train_split=train_split,
+        validation_split=validation_split,
+        test_split=test_split,
+        max_train_samples=max_train_samples,
+        max_eval_samples=max_eval_samples,
+        seed=args.seed,
+    )
+    trainer = RALDTrainer(
+        model=model,
+        args=args,
+        train_dataset=splits.train,
+        eval_dataset=splits.validation,
+        processing_class=processor,
+        compute_metrics=make_compute_metrics(space),
+        train_labels=splits.labels(splits.train),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+
+    trainer.save_model(str(output_dir))
+    scored_name = test_split or validation_split
+    scored = splits.test if test_split is not None else splits.validation
+    result = TrainingResult(output_dir=output_dir, metrics={}, evaluated_split=scored_name, train_seconds=train_seconds)
+    if scored is not None:
+        result.metrics, result.files = _score(trainer, scored, space, output_dir, splits, tsne=tsne)
+        result.metrics["split"] = scored_name
+        result.metrics["train_seconds"] = round(train_seconds, 1)
+        write_metrics(result.metrics, output_dir)
+    return result
+
+
+def _score(
+    trainer: RALDTrainer,
+    dataset: Any,
+    space: LabelSpace,
+    output_dir: Path,
+    splits: LabeledSplits | None = None,
+    tsne: bool = False,
+    prefix: str = "",
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    prediction = trainer.predict(dataset, metric_key_prefix="test")
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    predictions = np.argmax(logits, axis=-1)
+    metrics = classification_metrics(prediction.label_ids, predictions, space)
+    trainer.model.eval()
+    metrics["relation_mode"] = trainer.model.rald.resolve_relation_mode()
+    metrics["num_images"] = int(len(predictions))
+    files = {
+        "metrics": output_dir / f"{prefix}metrics.json",
+        "confusion_matrix": plot_confusion_matrix(
+            metrics["confusion_matrix"], list(space.labels), output_dir / f"{prefix}confusion_matrix.png"
+        ),
+    }
+    if tsne:
+        features, labels = collect_features(trainer.model, dataset, trainer.args.per_device_eval_batch_size)
+        files["tsne"] = plot_tsne(features, labels, space, output_dir / f"{prefix}tsne.png")
+    return metrics, files
+
+
+@torch.no_grad()
+def collect_features(
+    model: RALDForImageClassification, dataset: Any, batch_size: int, max_images: int = 2000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the final image features (F̂) and labels of up to ``max_images`` images of a prepared split."""
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    model.eval()
+    device = next(model.parameters()).device
+    features, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=default_data_collator)
+    seen = 0
+    for batch in loader:
+        outputs = model(batch["pixel_values"].to(device))
+        features.append(outputs.last_hidden_state.float().cpu().numpy())
+        labels.append(batch["labels"].numpy())
+        seen += len(batch["labels"])
+        if seen >= max_images:
+            break
+    return np.concatenate(features)[:max_images], np.concatenate(labels)[:max_images]
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    dataset: str | Path | DatasetDict,
+    split: str = "test",
+    output_dir: str | Path | None = None,
+    batch_size: int = 128,
+    relation_mode: str | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 0,
+    tsne: bool = False,
+) -> dict[str, Any]:
+    """Score a saved checkpoint on one split of a dataset; write metrics and plots when ``output_dir`` is set.
+
+    Args:
+        checkpoint: A folder written by `train_rald` or ``save_pretrained``.
+        dataset: Anything `rald_hf.training.load_image_dataset` accepts, or a loaded `DatasetDict`.
+        split: The split to score.
+        output_dir: Where ``<split>_metrics.json``, the per-class table and the confusion matrix go.
+        batch_size: Images per evaluation batch; in transductive mode this is how many images relate.
+        relation_mode: Override the checkpoint's inference relation mode.
+        max_eval_samples: Score a stratified, seeded subset of this size.
+        seed: Seed of the subset and of the evaluation order.
+        tsne: Also save a t-SNE map of the image features.
+    """
+    model = RALDForImageClassification.from_pretrained(str(checkpoint))
+    if relation_mode is not None:
+        model.config.inference_relation_mode = relation_mode
+    processor = _load_processor(checkpoint, model)
+    if not isinstance(dataset, DatasetDict):
+        dataset = load_image_dataset(dataset)
+    space = LabelSpace.from_config(model.config)
+    splits = prepare_splits(
+        dataset,
+        space,
+        processor,
+        train_split=None,
+        validation_split=split,
+        test_split=None,
+        max_eval_samples=max_eval_samples,
+        seed=seed,
+    )
+    work_dir = Path(output_dir) if output_dir is not None else Path(checkpoint)
+    args = RALDTrainingArguments(
+        output_dir=str(work_dir / "evaluation"),
+        per_device_eval_batch_size=batch_size,
+        report_to="none",
+        seed=seed,
+    )
+    trainer = RALDTrainer(model=model, args=args, processing_class=processor)
+    target = Path(output_dir) if output_dir is not None else None
+    if target is None:
+        import tempfile
+
+        target = Path(tempfile.mkdtemp(prefix="rald-eval-"))
+    metrics, _ = _score(trainer, splits.validation, space, target, tsne=tsne, prefix=f"{split}_")
+    metrics["split"] = split
+    if output_dir is not None:
+        write_metrics(metrics, output_dir, prefix=f"{split}_")
+    return metrics
+
+
+def _load_processor(checkpoint: str | Path, model: RALDForImageClassification) -> RALDImageProcessor:
+    if (Path(checkpoint) / "preprocessor_config.json").exists():
+        return RALDImageProcessor.from_pretrained(str(checkpoint))
+    logger.warning("%s has no preprocessor_config.json; using the backbone's normalisation", checkpoint)
+    return RALDImageProcessor.from_backbone(model.rald.backbone, image_size=model.config.image_size)
+
+
+@torch.no_grad()
+def predict_images(
+    checkpoint: str | Path | RALDForImageClassification,
+    images: Sequence[str | Path | Any],
+    top_k: int = 3,
+    relation_mode: str | None = None,
+    processor: RALDImageProcessor | None = None,
+) -> list[list[tuple[str, float]]]:
+    """Return the ``top_k`` fine labels and probabilities for each image.
+
+    Args:
+        checkpoint: A checkpoint folder or a loaded model.
+        images: File paths or images (PIL, NumPy, tensors); files are read with `to_rgb_image`.
+        top_k: How many labels to return per image.
+        relation_mode: Override the model's inference relation mode.
+        processor: The image processor; read from the checkpoint folder by default.
+    """
+    from PIL import Image
+
+    if isinstance(checkpoint, RALDForImageClassification):
+        model = checkpoint
+        processor = processor or RALDImageProcessor.from_backbone(model.rald.backbone, model.config.image_size)
+    else:
+        model = RALDForImageClassification.from_pretrained(str(checkpoint))
+        processor = processor or _load_processor(checkpoint, model)
+    model.eval()
+    loaded = []
+    for image in images:
+        if isinstance(image, str | Path):
+            try:
+                with Image.open(image) as handle:
+                    handle.load()
+                    loaded.append(to_rgb_image(handle))
+            except (OSError, ValueError) as error:
+                raise ValueError(f"Could not read image {image}: {error}") from error
+        else:
+            loaded.append(image)
+    pixel_values = processor(loaded)["pixel_values"].to(next(model.parameters()).device)
+    probabilities = model(pixel_values, relation_mode=relation_mode).logits.softmax(dim=-1)
+    top = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
+    return [
+        [(model.config.id2label[int(i)], float(p)) for p, i in zip(values, indices, strict=True)]
+        for values, indices in zip(top.values, top.indices, strict=True)
+    ]

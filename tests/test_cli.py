@@ -1,0 +1,230 @@
+"""The rald-hf command line, end to end on a small image folder and on real FER2013 images."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from rald_hf.cli import build_parser, main
+
+from .training.test_data import CLASSES, _write_image
+
+TINY_TRAIN = [
+    "--backbone",
+    "test_efficientnet",
+    "--image-size",
+    "29",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "1",
+    "--learning-rate",
+    "0.05",
+    "--no-progress",
+    "--set",
+    "hidden_size=18",
+    "--set",
+    "num_attention_heads=3",
+]
+
+
+@pytest.fixture
+def faces(tmp_path):
+    """An image folder with train, validation and test splits of three classes."""
+    for split, count in (("train", 8), ("validation", 4), ("test", 4)):
+        for label_index, label in enumerate(CLASSES):
+            for i in range(count):
+                _write_image(tmp_path / "faces" / split / label / f"{i}.png", "rgb", 60 * label_index + 3 * i)
+    return tmp_path / "faces"
+
+
+def test_help_names_paper_differences():
+    text = build_parser().format_help()
+    assert "train" in text and "evaluate" in text and "predict" in text
+    train_help = subprocess.run(
+        [sys.executable, "-m", "rald_hf.cli", "train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Defaults that differ, and why" in train_help
+    assert "--epochs 10" in train_help
+    assert "300 epochs" in train_help
+
+
+def test_train_evaluate_predict(faces, tmp_path, capsys):
+    output = tmp_path / "run"
+    main(["train", "--dataset", str(faces), "--output-dir", str(output), "--preset", "fer2013-valence", *TINY_TRAIN])
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "metrics.json",
+        "confusion_matrix.png",
+    ):
+        assert (output / name).exists(), f"{name} missing from the output folder"
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["split"] == "test"
+    assert metrics["num_images"] == 12
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert "accuracy_valence" in metrics
+    config = json.loads((output / "config.json").read_text())
+    assert config["image_size"] == 29
+    assert config["level_labels"][1] == ["unpleasant", "pleasant", "neutral"]
+    printed = capsys.readouterr().out
+    assert "test: accuracy" in printed
+
+    main(
+        [
+            "evaluate",
+            str(output),
+            "--dataset",
+            str(faces),
+            "--split",
+            "test",
+            "--batch-size",
+            "8",
+            "--output-dir",
+            str(tmp_path / "eval"),
+        ]
+    )
+    evaluated = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
+    # Same split, seed and batch size as the final scoring after training: the reloaded checkpoint agrees.
+    assert evaluated["confusion_matrix"] == metrics["confusion_matrix"]
+    assert (tmp_path / "eval" / "test_confusion_matrix.png").exists()
+
+    image = faces / "test" / "sad" / "0.png"
+    capsys.readouterr()
+    main(["predict", str(output), str(image), "--top-k", "2", "--json"])
+    predictions = json.loads(capsys.readouterr().out)
+    assert predictions[0]["image"] == str(image)
+    scores = [entry["score"] for entry in predictions[0]["predictions"]]
+    assert len(scores) == 2
+    assert scores[0] >= scores[1]
+    assert {entry["label"] for entry in predictions[0]["predictions"]} <= set(config["level_labels"][0])
+
+
+def test_train_with_label_tree_file(faces, tmp_path):
+    tree = tmp_path / "tree.json"
+    tree.write_text(
+        json.dumps({"labels": ["sad", "angry", "happy"], "parent_of": {"sad": "low", "angry": "low", "happy": "high"}})
+    )
+    output = tmp_path / "run"
+    main(["train", "--dataset", str(faces), "--output-dir", str(output), "--label-tree", str(tree), *TINY_TRAIN])
+    config = json.loads((output / "config.json").read_text())
+    assert config["level_labels"] == [["sad", "angry", "happy"], ["low", "high"]]
+    assert config["use_hierarchy_bias"] is True
+
+
+def test_rald_l_drops_tree(faces, tmp_path):
+    output = tmp_path / "run"
+    main(
+        [
+            "train",
+            "--dataset",
+            str(faces),
+            "--output-dir",
+            str(output),
+            "--preset",
+            "fer2013-valence",
+            "--rald-l",
+            *TINY_TRAIN,
+        ]
+    )
+    config = json.loads((output / "config.json").read_text())
+    assert config["level_labels"] == [["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]]
+    assert config.get("use_hierarchy_bias", True) is False
+
+
+def test_unknown_dataset_label_exits_with_message(faces, tmp_path, caplog):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "train",
+                "--dataset",
+                str(faces),
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--preset",
+                "rafdb",
+                "--label-tree",
+                "x",
+            ]
+        )
+    assert exit_info.value.code == 2  # argparse: --preset and --label-tree exclude each other
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "train",
+                "--dataset",
+                str(faces),
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--preset",
+                "fg-emotions",
+                *TINY_TRAIN,
+            ]
+        )
+    assert exit_info.value.code == 1
+    assert "are not in the label space" in caplog.text
+
+
+def test_predict_unreadable_image_exits(faces, tmp_path, caplog):
+    output = tmp_path / "run"
+    main(["train", "--dataset", str(faces), "--output-dir", str(output), *TINY_TRAIN])
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("no image here")
+    with pytest.raises(SystemExit):
+        main(["predict", str(output), str(broken)])
+    assert "Could not read image" in caplog.text and "broken.jpg" in caplog.text
+
+
+def test_set_requires_key_value():
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["train", "--dataset", "x", "--output-dir", "y", "--set", "hidden_size"])
+
+
+@pytest.mark.data
+def test_fer2013_end_to_end(data_dir, tmp_path):
+    """Train a few steps on real FER2013 images from pretrained weights, score, reload and predict."""
+    output = tmp_path / "fer"
+    weights = data_dir / "weights" / "mobilenetv2_100.in1k.safetensors"
+    main(
+        [
+            "train",
+            "--dataset", str(data_dir / "fer2013"),
+            "--output-dir", str(output),
+            "--preset", "fer2013",
+            "--rald-l",
+            "--backbone", "mobilenetv2_100",
+            "--backbone-weights", str(weights),
+            "--image-size", "48",
+            "--epochs", "2",
+            "--batch-size", "64",
+            "--max-train-samples", "320",
+            "--max-eval-samples", "192",
+            "--no-progress",
+        ]
+    )  # fmt: skip
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["num_images"] == 192
+    assert sum(metrics["support"].values()) == 192
+    assert metrics["support"]["happy"] > metrics["support"]["disgust"]
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "confusion_matrix.png"):
+        assert (output / name).exists(), f"{name} missing"
+    with Image.open(output / "confusion_matrix.png") as figure:
+        assert figure.size[0] > 300
+
+    reloaded = tmp_path / "reloaded"
+    main(
+        [
+            "evaluate", str(output),
+            "--dataset", str(data_dir / "fer2013"),
+            "--split", "test",
+            "--batch-size", "64",
+            "--max-eval-samples", "192",
+            "--output-dir", str(reloaded),
+        ]
+    )  # fmt: skip
+    again = json.loads((reloaded / "test_metrics.json").read_text())
+    assert again["confusion_matrix"] == metrics["confusion_matrix"]
+    assert again["accuracy"] == metrics["accuracy"]
