@@ -7,6 +7,7 @@ remote code, so that ``save_pretrained`` writes an ``auto_map`` and the code fil
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
+from . import hub
 from .configuration_rald import RALDConfig
 from .image_processing_rald import RALDImageProcessor, to_rgb_image
 from .labels import LabelSpace, MissingWordsError, load_word_vectors
@@ -30,6 +31,7 @@ RALDForImageClassification.register_for_auto_class("AutoModelForImageClassificat
 RALDImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
+    "hub",
     "LabelSpace",
     "MissingWordsError",
     "RALDConfig",

@@ -1,4 +1,4 @@
-"""The ``rald-hf`` command line: train, evaluate and predict.
+"""The ``rald-hf`` command line: train, evaluate, predict and push.
 
 Every option maps onto a `RALDConfig` field, a `RALDTrainingArguments` field or an argument of the
 functions in `rald_hf.training.run`; this module only parses arguments.
@@ -67,9 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--preset", help="label-space preset: fg-emotions, fer2013, fer2013-valence or rafdb")
     labels.add_argument("--label-tree", help="JSON file with labels and their tree (see docs/training.md)")
     train.add_argument("--rald-l", action="store_true", help="drop the label tree and its attention bias (RALD-L)")
-    train.add_argument("--backbone", default="resnet18", help="timm model name of the image encoder")
+    train.add_argument("--backbone", help="timm model name of the image encoder (default: resnet18)")
     train.add_argument("--backbone-weights", help="local timm checkpoint to start the backbone from")
-    train.add_argument("--image-size", type=int, default=112, help="input side in pixels")
+    train.add_argument(
+        "--init-from",
+        help="RALD checkpoint (folder or Hub id) whose backbone and attention weights start training; the "
+        "labels, classifier and reference bank are made anew for this dataset's label space",
+    )
+    train.add_argument(
+        "--image-size", type=int, help="input side in pixels (default: 112, or the --init-from checkpoint's)"
+    )
     train.add_argument("--epochs", type=float, default=10, help="training epochs")
     train.add_argument("--batch-size", type=int, default=128, help="images per batch, which is also how many relate")
     train.add_argument("--learning-rate", type=float, default=0.01, help="peak learning rate")
@@ -90,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--word-vectors", help="word2vec, GloVe or fastText file for the label embeddings")
     train.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     train.add_argument("--tsne", action="store_true", help="also plot a t-SNE map of the final image features")
+    train.add_argument(
+        "--reference-bank-size",
+        type=int,
+        default=128,
+        help="training images whose features the checkpoint stores for batch-independent inference; 0 for none",
+    )
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any other RALDConfig field, JSON value"
@@ -116,14 +129,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--relation-mode", choices=["reference", "transductive", "self"], help="override the checkpoint's mode"
     )
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    push = commands.add_parser("push", help="upload a checkpoint with its model card to the Hugging Face Hub")
+    push.add_argument("checkpoint", help="checkpoint folder")
+    push.add_argument("repo_id", help="Hub repository, such as org/rald-fer2013")
+    push.add_argument("--dataset-name", help="training dataset id or name for the model card")
+    push.add_argument("--license", default="other", help="licence identifier of the weights (default: other)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--commit-message", default="Upload RALD model", help="commit message")
+    push.add_argument("--revision", help="branch to commit to")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     return parser
 
 
 def _train(args: argparse.Namespace) -> None:
     from .training.run import train_rald
 
-    overrides = {"backbone": args.backbone, "image_size": args.image_size, "num_neighbors": args.num_neighbors}
-    overrides["nnldl_weight"] = args.nnldl_weight
+    overrides = {"num_neighbors": args.num_neighbors, "nnldl_weight": args.nnldl_weight}
+    if args.init_from is None:
+        # A checkpoint to start from brings its own backbone and image size.
+        overrides["backbone"] = args.backbone or "resnet18"
+        overrides["image_size"] = args.image_size or 112
+    elif args.backbone:
+        raise SystemExit("--backbone comes from the --init-from checkpoint; leave it out")
+    elif args.image_size:
+        overrides["image_size"] = args.image_size
     overrides.update(_config_overrides(args.set))
     training_args = {
         "num_train_epochs": args.epochs,
@@ -158,6 +188,8 @@ def _train(args: argparse.Namespace) -> None:
         test_split=args.test_split,
         word_vectors=args.word_vectors,
         tsne=args.tsne,
+        reference_bank_size=args.reference_bank_size,
+        init_from=args.init_from,
     )
     if result.metrics:
         print(
@@ -207,11 +239,29 @@ def _predict(args: argparse.Namespace) -> None:
             print(f"  {label:<16} {score:.4f}")
 
 
+def _push(args: argparse.Namespace) -> None:
+    from .hub import push_to_hub
+    from .modeling_rald import RALDForImageClassification
+
+    model = RALDForImageClassification.from_pretrained(args.checkpoint)
+    commit = push_to_hub(
+        model,
+        args.repo_id,
+        dataset=args.dataset_name,
+        license=args.license,
+        commit_message=args.commit_message,
+        private=args.private or None,
+        revision=args.revision,
+        create_pr=args.create_pr,
+    )
+    print(f"Uploaded {args.checkpoint} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run ``rald-hf`` with ``argv`` (default: the process arguments)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"train": _train, "evaluate": _evaluate, "predict": _predict}
+    handlers = {"train": _train, "evaluate": _evaluate, "predict": _predict, "push": _push}
     try:
         handlers[args.command](args)
     except (ValueError, FileNotFoundError) as error:

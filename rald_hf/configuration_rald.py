@@ -115,6 +115,8 @@ class RALDConfig(PreTrainedConfig):
             when the checkpoint has a bank, transductive otherwise).
         reference_bank_size (`int`, defaults to 0):
             Number of training-image features stored in the reference bank; 0 means no bank.
+        reference_bank_fingerprint (`str`, *optional*):
+            Fingerprint of the backbone weights the bank was built with; reference mode checks it.
         relation_scope (`str`, defaults to `"auto"`):
             In multi-process training, ``"global"`` gathers features from every process so that ITRR and NNLDL
             see the whole global batch, ``"local"`` keeps them per process. ``"auto"`` is global when more
@@ -174,6 +176,7 @@ class RALDConfig(PreTrainedConfig):
     train_relation_mode: str = "transductive"
     inference_relation_mode: str = "auto"
     reference_bank_size: int = 0
+    reference_bank_fingerprint: str | None = None
     relation_scope: str = "auto"
 
     initializer_range: float = 0.02

@@ -11,8 +11,10 @@ attends to (N, 1 or 1 + M), C label nodes of all levels, Cf fine labels, H heads
 Dv backbone feature width, Ds label embedding width.
 """
 
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import timm
 import torch
@@ -36,6 +38,16 @@ __all__ = [
 ]
 
 RelationMode = Literal["transductive", "reference", "self"]
+
+# Uploads a model with its card and image processor; `rald_hf.hub` installs it on import. When this file
+# runs as remote code without rald_hf, push_to_hub keeps transformers' own behaviour.
+_PUSH_HANDLER: Callable[..., Any] | None = None
+
+
+def set_push_handler(handler: Callable[..., Any] | None) -> None:
+    """Make ``push_to_hub`` of RALD models call ``handler(model, repo_id, **kwargs)``."""
+    global _PUSH_HANDLER
+    _PUSH_HANDLER = handler
 
 
 @dataclass
@@ -107,6 +119,58 @@ def hierarchy_buckets(distances: list[list[int]], sigma: int) -> tuple[list[list
     return buckets, unrelated_bucket + 1
 
 
+@dataclass
+class InferenceConstants:
+    """The parts of a forward pass that depend on weights only, never on the images.
+
+    Args:
+        label_tokens: HLRR output S̃, shape (C, D).
+        label_keys: LGIFO keys of the label tokens, shape (H, C, Dh), or ``None`` without LGIFO.
+        bank: ITRR keys and values of the reference bank, each (H, M, Dh), or ``None`` outside reference mode.
+    """
+
+    label_tokens: torch.Tensor
+    label_keys: torch.Tensor | None
+    bank: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def backbone_fingerprint(backbone: nn.Module) -> str:
+    """Summarise backbone weights in a short string that changes when the weights are trained further.
+
+    Per tensor, the sum and the sum of squares, rounded to 4 significant digits so that the fingerprint
+    survives casts to another dtype or device. Tiny weight changes below that precision go unnoticed.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in backbone.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            values = tensor.detach().double()
+            digest.update(f"{name}:{float(values.sum()):.4g}:{float((values * values).sum()):.4g};".encode())
+    return digest.hexdigest()[:16]
+
+
+def select_reference_indices(labels: torch.Tensor, size: int, per_class: bool, seed: int) -> torch.Tensor:
+    """Draw ``size`` item indices, class-balanced when ``per_class``, reproducibly for a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    size = min(size, len(labels))
+    if not per_class:
+        return torch.randperm(len(labels), generator=generator)[:size].sort().values
+
+    pools = {int(c): (labels == c).nonzero().flatten() for c in labels.unique()}
+    pools = {c: pool[torch.randperm(len(pool), generator=generator)] for c, pool in pools.items()}
+    quota = dict.fromkeys(pools, 0)
+    remaining = size
+    while remaining > 0:
+        open_classes = [c for c in sorted(pools) if quota[c] < len(pools[c])]
+        share, extra = divmod(remaining, len(open_classes))
+        for position, c in enumerate(open_classes):
+            take = min(share + (1 if position < extra else 0), len(pools[c]) - quota[c])
+            quota[c] += take
+            remaining -= take
+    return torch.cat([pools[c][: quota[c]] for c in sorted(pools)]).sort().values
+
+
 class RALDLayer(nn.Module):
     """An attention module followed by a feed-forward network, in one of three arrangements.
 
@@ -137,6 +201,12 @@ class RALDLayer(nn.Module):
             return hidden + self.mlp(self.norm2(hidden)), scores
         return self.norm2(hidden + self.mlp(hidden)), scores
 
+    def project_context(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalise context tokens as the block's input is normalised, then project them to keys and values."""
+        if self.normalize_context:
+            tokens = self.norm1(tokens)
+        return self.attention.project_keys_values(tokens)
+
 
 class ImageRelationAttention(nn.Module):
     """ITRR attention across images, which also returns its raw relation scores λ·QKᵀ per head."""
@@ -155,17 +225,19 @@ class ImageRelationAttention(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         mode: RelationMode = "transductive",
+        bank: tuple[torch.Tensor, torch.Tensor] | None = None,
         need_scores: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from each of the N images in ``x`` to the images that ``mode`` selects.
 
         Args:
             x: Image tokens, shape (N, D).
-            context: The other image tokens, shape (K, D). In reference mode the bank (required); in
-                transductive mode the images to attend to when they are more than ``x`` (the global batch
-                of multi-process training), ``x`` itself by default.
+            context: Tokens of the images to attend to in transductive mode, shape (K, D), when these are
+                more than ``x`` (the global batch of multi-process training). Defaults to ``x``.
             mode: ``"transductive"`` attends to the batch (or ``context``), ``"self"`` only to the image
                 itself, ``"reference"`` to the image itself and the bank.
+            bank: Keys and values of the reference bank, each of shape (H, M, Dh), from `project_keys_values`.
+                Required in reference mode.
             need_scores: Compute the relation scores in self mode, where the attention does not need them.
 
         Returns:
@@ -175,7 +247,7 @@ class ImageRelationAttention(nn.Module):
         q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # 3 x (H, N, Dh)
 
         if mode == "reference":
-            bank_k, bank_v = self._project_keys_values(context)  # 2 x (H, M, Dh)
+            bank_k, bank_v = bank  # 2 x (H, M, Dh)
             self_scores = (q * k).sum(-1, keepdim=True) * self.scale  # (H, N, 1)
             scores = torch.cat([self_scores, q @ bank_k.transpose(-2, -1) * self.scale], dim=-1)  # (H, N, 1 + M)
             probs = self.attention_dropout(scores.softmax(dim=-1))
@@ -186,18 +258,23 @@ class ImageRelationAttention(nn.Module):
             out = v
         else:
             if context is not None:
-                k, v = self._project_keys_values(context)  # 2 x (H, K, Dh)
+                k, v = self.project_keys_values(context)  # 2 x (H, K, Dh)
             scores = q @ k.transpose(-2, -1) * self.scale  # (H, N, K)
             out = self.attention_dropout(scores.softmax(dim=-1)) @ v
 
         out = self.proj_dropout(self.proj(_merge_heads(out)))
         return out, None if scores is None else scores.transpose(0, 1)  # (N, H, K)
 
-    def _project_keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Project tokens that need no query with the key and value rows of the fused projection."""
+    def project_keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project tokens that need no query with the key and value rows of the fused projection.
+
+        Returns:
+            Keys and values, each of shape (H, K, Dh).
+        """
         dim = self.proj.in_features
         keys_values = F.linear(tokens, self.qkv.weight[dim:], self.qkv.bias[dim:])  # (K, 2D)
-        return tuple(_split_heads(t, self.num_heads) for t in keys_values.chunk(2, dim=-1))
+        keys, values = keys_values.chunk(2, dim=-1)
+        return _split_heads(keys, self.num_heads), _split_heads(values, self.num_heads)
 
 
 class LabelRelationAttention(nn.Module):
@@ -240,14 +317,21 @@ class LabelGuidedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor, label_keys: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
+        """Attend from image tokens (N, D) to label tokens (C, D); ``label_keys`` (H, C, Dh) may be precomputed."""
         q = _split_heads(self.q(x), self.num_heads)  # (H, N, Dh)
-        k = _split_heads(self.k(labels), self.num_heads)  # (H, C, Dh)
+        k = self.project_keys(labels) if label_keys is None else label_keys  # (H, C, Dh)
         v = _split_heads(labels, self.num_heads)  # (H, C, Dh), no value projection
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attention_dropout if self.training else 0.0, scale=self.scale
         )
         return self.proj_dropout(self.proj(_merge_heads(out))), None
+
+    def project_keys(self, labels: torch.Tensor) -> torch.Tensor:
+        """Project label tokens (C, D) to keys (H, C, Dh)."""
+        return _split_heads(self.k(labels), self.num_heads)
 
 
 class LabelEncoder(nn.Module):
@@ -309,6 +393,102 @@ class RALDPreTrainedModel(PreTrainedModel):
                 auto_class: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for auto_class, cls in classes.items()
             }
         super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        """Upload the model, its image processor, remote code and a RALD model card to the Hub.
+
+        With `rald_hf` installed this is `rald_hf.hub.push_to_hub`, which writes its own model card (labels,
+        tree, recipe, metrics, terms of the training data); see there for the arguments. Otherwise it is
+        `PreTrainedModel.push_to_hub`.
+        """
+        if _PUSH_HANDLER is None:
+            return super().push_to_hub(repo_id, *args, **kwargs)
+        if args:
+            raise TypeError("Pass push_to_hub options by keyword")
+        return _PUSH_HANDLER(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        *model_args: Any,
+        label_space: Any = None,
+        word_vectors: Any = None,
+        **kwargs: Any,
+    ) -> "RALDPreTrainedModel":
+        """Load a checkpoint as `PreTrainedModel.from_pretrained` does, optionally for another label set.
+
+        Args:
+            pretrained_model_name_or_path: A Hub id or a checkpoint folder.
+            label_space: A `rald_hf.LabelSpace` for a new label set. The model keeps the checkpoint's
+                backbone and attention weights and gets new label embeddings, distances, classifier and no
+                reference bank (see `for_label_space`). Without it, the checkpoint's own labels are kept.
+            word_vectors: Word vectors for the new label embeddings (the shipped vocabulary by default).
+            **kwargs: As for `PreTrainedModel.from_pretrained`.
+
+        Raises:
+            ValueError: When ``config``, ``num_labels``, ``id2label`` or ``label2id`` would give the
+                checkpoint another label set without ``label_space``.
+        """
+        for key in ("num_labels", "id2label", "label2id"):
+            if key in kwargs:
+                raise ValueError(
+                    f"RALD checkpoints take their labels from a label space; instead of {key}=..., pass "
+                    "label_space=LabelSpace(...) to start a model for new labels from this checkpoint"
+                )
+        requested = kwargs.get("config")
+        if label_space is None and isinstance(requested, RALDConfig) and requested.has_labels:
+            hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+            stored = RALDConfig.from_pretrained(
+                pretrained_model_name_or_path, **{key: kwargs[key] for key in hub_keys if key in kwargs}
+            )
+            _check_same_labels(stored, requested, pretrained_model_name_or_path)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if label_space is not None:
+            model = model.for_label_space(label_space, word_vectors=word_vectors)
+        return model
+
+    def for_label_space(
+        self, label_space: Any, word_vectors: Any = None, **config_overrides: Any
+    ) -> "RALDPreTrainedModel":
+        """Return a model of the same architecture for another label set, starting from these weights.
+
+        The backbone, the projections and the ITRR, HLRR and LGIFO blocks keep their trained (and trainable)
+        weights. What depends on the labels is new: label embeddings and tree distances from ``label_space``,
+        a freshly initialised hierarchy-bias table and classifier, and no reference bank. A label space
+        without a tree gives RALD-L. Train the result, then build its reference bank.
+
+        Args:
+            label_space: A `rald_hf.LabelSpace` (only its methods are called).
+            word_vectors: Word vectors for the new label embeddings.
+            **config_overrides: Other `RALDConfig` fields for the new model, such as ``num_neighbors``.
+                Fields that define the architecture (backbone, widths, block layout) must keep their values.
+        """
+        kept = {name: getattr(self.config, name) for name in _TRANSFERRED_FIELDS}
+        changed = [
+            name for name in _ARCHITECTURE_FIELDS if name in config_overrides and config_overrides[name] != kept[name]
+        ]
+        if changed:
+            raise ValueError(
+                f"{changed} define the architecture and come from the checkpoint "
+                f"({ {name: kept[name] for name in changed} }); train a new model to change them"
+            )
+        config = RALDConfig.from_label_space(label_space, vectors=word_vectors, **{**kept, **config_overrides})
+        new_model = type(self)(config)
+        target = new_model.state_dict()
+        transferred = {
+            key: value
+            for key, value in self.state_dict().items()
+            if key in target and target[key].shape == value.shape and not _is_label_dependent(key)
+        }
+        new_model.load_state_dict(transferred, strict=False)
+        logger.info(
+            "Started a model for %d labels from %d of %d tensors of the checkpoint",
+            config.num_labels,
+            len(transferred),
+            len(target),
+        )
+        return new_model
 
     def _init_weights(self, module: nn.Module) -> None:
         if getattr(module, "_rald_timm_initialized", False):
@@ -387,7 +567,11 @@ class RALDModel(RALDPreTrainedModel):
         self.register_buffer("reference_features", torch.zeros(bank_size, backbone_width), persistent=True)
         self.register_buffer("reference_labels", torch.zeros(bank_size, dtype=torch.long), persistent=True)
 
-        self._label_cache: tuple[tuple, torch.Tensor] | None = None
+        # Inference constants, reused while the key of `_weights_key` is unchanged.
+        self._constants: tuple[tuple, InferenceConstants] | None = None
+        self._fingerprint_checked: tuple | None = None
+        self._tracked_tensors: list[torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module._forget_tensors())
         self.post_init()
 
     @property
@@ -408,10 +592,14 @@ class RALDModel(RALDPreTrainedModel):
         self.backbone.load_state_dict(pretrained.state_dict())
         logger.info("Loaded backbone weights for %s from %s", self.config.backbone, checkpoint_path or "timm")
 
+    # Reference bank
+
     def set_reference_bank(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Store backbone features (M, Dv) and their fine labels (M,) as the reference bank.
 
-        The bank contains features derived from training images, which a saved checkpoint carries along.
+        The bank contains features derived from training images, which a saved checkpoint carries along. It
+        records a fingerprint of the backbone weights, and reference mode raises an error when the backbone
+        no longer matches it. Pass empty tensors to remove the bank.
         """
         if features.ndim != 2 or features.shape[1] != self.backbone_width:
             raise ValueError(
@@ -423,30 +611,121 @@ class RALDModel(RALDPreTrainedModel):
         self.reference_features = features.detach().to(device=device, dtype=self.reference_features.dtype)
         self.reference_labels = labels.detach().to(device=device, dtype=torch.long)
         self.config.reference_bank_size = int(features.shape[0])
+        self.config.reference_bank_fingerprint = backbone_fingerprint(self.backbone) if len(features) else None
+        self._forget_tensors()
 
-    def extract_backbone_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Run the timm backbone and its pooling: images (N, 3, H, W) -> features (N, Dv)."""
-        features = self.backbone.forward_features(pixel_values)
-        return self.backbone.forward_head(features, pre_logits=True)
+    def clear_reference_bank(self) -> None:
+        """Remove the reference bank, for example before the backbone is trained further."""
+        self.set_reference_bank(self.reference_features[:0], self.reference_labels[:0])
+
+    @torch.no_grad()
+    def build_reference_bank(
+        self,
+        dataset: Any,
+        size: int = 128,
+        per_class: bool = True,
+        seed: int = 0,
+        batch_size: int = 64,
+        labels: Sequence[int] | None = None,
+    ) -> None:
+        """Fill the reference bank with backbone features of images drawn from ``dataset``.
+
+        Args:
+            dataset: Indexable items with ``pixel_values`` (a (3, H, W) tensor, preprocessed as for
+                evaluation, without augmentation) and ``labels`` (the model's fine-label id), such as a split
+                prepared by `rald_hf.training.prepare_splits` and passed through ``for_evaluation``.
+            size: M, the number of images in the bank.
+            per_class: Draw the same number of images from every class present (classes with too few images
+                give all they have, and the rest is shared among the others); otherwise draw uniformly.
+            seed: Seed of the draw.
+            batch_size: Images per backbone pass.
+            labels: The label of every item. Without them every item is read once to find its label.
+        """
+        if size < 1:
+            raise ValueError(f"size must be a positive number of images, got {size}")
+        if labels is None:
+            labels = [int(dataset[i]["labels"]) for i in range(len(dataset))]
+        labels = torch.as_tensor(list(labels), dtype=torch.long)
+        if len(labels) != len(dataset):
+            raise ValueError(f"labels has {len(labels)} entries for a dataset of {len(dataset)} images")
+        indices = select_reference_indices(labels, size, per_class, seed)
+
+        was_training = self.training
+        self.eval()
+        device = self.reference_features.device
+        features = []
+        for start in range(0, len(indices), batch_size):
+            batch = [dataset[int(i)]["pixel_values"] for i in indices[start : start + batch_size]]
+            pixel_values = torch.stack(batch).to(device=device, dtype=self.reference_features.dtype)
+            features.append(self.extract_backbone_features(pixel_values))
+        self.train(was_training)
+        self.set_reference_bank(torch.cat(features), labels[indices])
+        logger.info("Built a reference bank of %d images", len(indices))
+
+    # Weight-only parts of the forward pass
+
+    def _forget_tensors(self) -> None:
+        self._tracked_tensors = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # Device and dtype moves replace buffers, so the tracked tensor list must be rebuilt.
+        self._forget_tensors()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _weights_key(self) -> tuple:
+        """Return a key that changes whenever any weight or buffer of the model changes.
+
+        It contains the storage address and the in-place version counter of every parameter and buffer, so
+        an optimizer step, ``load_state_dict``, an in-place edit or a device move changes it. The tensor list
+        is kept between calls, because walking the module tree costs more than reading the counters.
+        """
+        if self._tracked_tensors is None:
+            self._tracked_tensors = [*self.parameters(), *self.buffers()]
+        return tuple((tensor.data_ptr(), tensor._version) for tensor in self._tracked_tensors)
+
+    def inference_constants(self, with_bank: bool) -> InferenceConstants:
+        """Return the label tokens, LGIFO label keys and (``with_bank``) bank keys and values.
+
+        None of them depends on the images, so in evaluation-mode calls without gradients they are computed
+        once and reused until a weight changes (see `_weights_key`).
+
+        Raises:
+            ValueError: When ``with_bank`` and the bank was built with other backbone weights.
+        """
+        if self.training or torch.is_grad_enabled():
+            return self._compute_constants(with_bank)
+        key = (torch.is_inference_mode_enabled(), with_bank, self._weights_key())
+        if self._constants is None or self._constants[0] != key:
+            self._constants = (key, self._compute_constants(with_bank))
+        return self._constants[1]
+
+    def _compute_constants(self, with_bank: bool) -> InferenceConstants:
+        label_tokens = self.label_encoder()  # (C, D)
+        label_keys = None if self.lgifo is None else self.lgifo.attention.project_keys(label_tokens)
+        bank = None
+        if with_bank:
+            self._check_bank_fingerprint()
+            bank = self.itrr.project_context(self.image_proj(self.reference_features))  # 2 x (H, M, Dh)
+        return InferenceConstants(label_tokens=label_tokens, label_keys=label_keys, bank=bank)
+
+    def _check_bank_fingerprint(self) -> None:
+        expected = self.config.reference_bank_fingerprint
+        if expected is None:
+            return
+        key = self._weights_key()
+        if self._fingerprint_checked == key:
+            return
+        if backbone_fingerprint(self.backbone) != expected:
+            raise ValueError(
+                "The reference bank was built with other backbone weights than the model now has, so its "
+                "features no longer match. Rebuild it with build_reference_bank, or pass "
+                "relation_mode='transductive'."
+            )
+        self._fingerprint_checked = key
 
     def label_tokens(self) -> torch.Tensor:
-        """Return the HLRR label tokens (C, D), cached between no-grad calls while the weights are unchanged.
-
-        The labels do not depend on the images, so inference computes them once. The cache key contains the
-        storage address and in-place version counter of every label-branch tensor; an optimizer step,
-        ``load_state_dict`` or a device move changes it.
-        """
-        if torch.is_grad_enabled():
-            return self.label_encoder()
-        tensors = [*self.label_encoder.parameters(), *self.label_encoder.buffers()]
-        key = (
-            self.training,
-            torch.is_inference_mode_enabled(),
-            tuple((t.data_ptr(), t._version, t.dtype) for t in tensors),
-        )
-        if self._label_cache is None or self._label_cache[0] != key:
-            self._label_cache = (key, self.label_encoder())
-        return self._label_cache[1]
+        """Return the HLRR label tokens S̃ (C, D), cached in no-grad evaluation like all inference constants."""
+        return self.inference_constants(with_bank=False).label_tokens
 
     def resolve_relation_mode(self, relation_mode: RelationMode | None = None) -> RelationMode | None:
         """Return the ITRR mode a forward call uses, or ``None`` when ITRR is disabled.
@@ -467,8 +746,7 @@ class RALDModel(RALDPreTrainedModel):
         if relation_mode == "reference" and not self.has_reference_bank:
             raise ValueError(
                 "relation_mode='reference' needs a reference bank, and this model has none. Build one with "
-                "rald_hf.build_reference_bank(model, dataset) or model.rald.set_reference_bank(features, "
-                "labels), or pass relation_mode='transductive'."
+                "model.build_reference_bank(dataset), or pass relation_mode='transductive'."
             )
         return relation_mode
 
@@ -501,16 +779,18 @@ class RALDModel(RALDPreTrainedModel):
         backbone_features = self.extract_backbone_features(pixel_values)  # (N, Dv)
         image_tokens = self.image_proj(backbone_features)  # (N, D)
 
+        constants = self.inference_constants(with_bank=mode == "reference")
         relations = None
         related_tokens = image_tokens
         if self.itrr is not None:
-            bank = self.image_proj(self.reference_features) if mode == "reference" else None  # (M, D)
-            related_tokens, relations = self.itrr(image_tokens, bank, mode=mode, need_scores=self.training)
+            related_tokens, relations = self.itrr(
+                image_tokens, mode=mode, bank=constants.bank, need_scores=self.training
+            )
 
-        label_tokens = self.label_tokens()  # (C, D)
+        label_tokens = constants.label_tokens  # (C, D)
         guided_tokens = related_tokens
         if self.lgifo is not None:
-            guided_tokens, _ = self.lgifo(related_tokens, label_tokens)
+            guided_tokens, _ = self.lgifo(related_tokens, label_tokens, label_keys=constants.label_keys)
         last_hidden_state = self.final_norm(guided_tokens)
 
         hidden_states = (image_tokens, related_tokens, guided_tokens) if output_hidden_states else None
@@ -522,6 +802,11 @@ class RALDModel(RALDPreTrainedModel):
             hidden_states=hidden_states,
         )
         return output if return_dict else output.to_tuple()
+
+    def extract_backbone_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Run the timm backbone and its pooling: images (N, 3, H, W) -> features (N, Dv)."""
+        features = self.backbone.forward_features(pixel_values)
+        return self.backbone.forward_head(features, pre_logits=True)
 
 
 class RALDForImageClassification(RALDPreTrainedModel):
@@ -537,6 +822,10 @@ class RALDForImageClassification(RALDPreTrainedModel):
     def load_backbone_weights(self, checkpoint_path: str | None = None) -> None:
         """Load pretrained backbone weights; see `RALDModel.load_backbone_weights`."""
         self.rald.load_backbone_weights(checkpoint_path)
+
+    def build_reference_bank(self, dataset: Any, **kwargs: Any) -> None:
+        """Fill the reference bank from a dataset; see `RALDModel.build_reference_bank`."""
+        self.rald.build_reference_bank(dataset, **kwargs)
 
     def forward(
         self,
@@ -578,6 +867,69 @@ class RALDForImageClassification(RALDPreTrainedModel):
             hidden_states=outputs.hidden_states,
         )
         return output if return_dict else output.to_tuple()
+
+
+# Config fields that a model for another label set inherits from its checkpoint.
+_ARCHITECTURE_FIELDS = (
+    "backbone",
+    "backbone_kwargs",
+    "num_channels",
+    "hidden_size",
+    "num_attention_heads",
+    "mlp_ratio",
+    "attention_residual",
+    "norm_first",
+    "use_itrr",
+    "use_lgifo",
+)
+_TRANSFERRED_FIELDS = _ARCHITECTURE_FIELDS + (
+    "image_size",
+    "hidden_dropout_prob",
+    "attention_dropout_prob",
+    "attention_scale",
+    "layer_norm_eps",
+    "hierarchy_distance_mode",
+    "sigma",
+    "num_neighbors",
+    "nnldl_weight",
+    "nnldl_include_self",
+    "nnldl_weighting",
+    "nnldl_head_reduction",
+    "nnldl_detach_target",
+    "nnldl_loss",
+    "nnldl_reduction",
+    "train_relation_mode",
+    "inference_relation_mode",
+    "relation_scope",
+    "initializer_range",
+)
+# State-dict entries that belong to one label set: they are not carried over to another.
+_LABEL_DEPENDENT = (
+    "label_encoder.label_embeddings",
+    "label_encoder.distance_buckets",
+    "label_encoder.hierarchy_bias",
+    "classifier.",
+    "reference_features",
+    "reference_labels",
+)
+
+
+def _is_label_dependent(key: str) -> bool:
+    return any(part in key for part in _LABEL_DEPENDENT)
+
+
+def _check_same_labels(stored: RALDConfig, requested: RALDConfig, source: str) -> None:
+    """Raise when a requested config would reinterpret a checkpoint's labels; names and order must match."""
+    if stored.level_labels == requested.level_labels and stored.parent_ids == requested.parent_ids:
+        return
+    raise ValueError(
+        f"The checkpoint {source} predicts the labels {stored.level_labels[0]}"
+        + (f" (tree levels {stored.level_names})" if stored.has_tree else "")
+        + f", but the config asks for {requested.level_labels[0]}"
+        + (f" (tree levels {requested.level_names})" if requested.has_tree else "")
+        + ". Labels are compared by name and order. To start a model for the new labels from this checkpoint, "
+        "pass label_space=LabelSpace(...) to from_pretrained, or use rald-hf train --init-from CHECKPOINT."
+    )
 
 
 def _check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> None:

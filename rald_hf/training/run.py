@@ -6,6 +6,7 @@ fields or its own parameters, so the CLI stays a thin layer of argument parsing.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -21,9 +22,9 @@ from ..configuration_rald import RALDConfig
 from ..image_processing_rald import RALDImageProcessor, to_rgb_image
 from ..labels import LabelSpace
 from ..modeling_rald import RALDForImageClassification
-from .data import LabeledSplits, load_image_dataset, prepare_splits
+from .data import LabeledSplits, load_image_dataset, make_train_transform, prepare_splits
 from .metrics import classification_metrics, make_compute_metrics, plot_confusion_matrix, plot_tsne, write_metrics
-from .trainer import RALDTrainer, RALDTrainingArguments
+from .trainer import RALDTrainer, RALDTrainingArguments, ReferenceBankCallback
 
 __all__ = [
     "TrainingResult",
@@ -107,6 +108,9 @@ def train_rald(
     test_split: str | None = "test",
     word_vectors: str | Path | None = None,
     tsne: bool = False,
+    reference_bank_size: int = 128,
+    augmentation: dict[str, Any] | None = None,
+    init_from: str | Path | None = None,
 ) -> TrainingResult:
     """Train a RALD classifier on a dataset, evaluate it and save everything into ``output_dir``.
 
@@ -127,9 +131,19 @@ def train_rald(
         test_split: Split scored at the end into ``metrics.json``, or ``None`` to score the validation split.
         word_vectors: Word vectors for the label embeddings (default: the shipped GloVe vocabulary).
         tsne: Also save ``tsne.png``, a t-SNE map of the final image features of the scored split.
+        reference_bank_size: Images of the training split whose backbone features are stored in the
+            checkpoint for batch-independent inference (drawn class-balanced after training); 0 saves the
+            checkpoint without a bank.
+        augmentation: Arguments of `rald_hf.training.make_train_transform` (``scale``, ``hflip``,
+            ``color_jitter``, ``random_erasing``) that replace its defaults.
+        init_from: A RALD checkpoint (folder or Hub id) to start from. Its backbone and attention weights
+            carry over, and the labels, tree, classifier and reference bank are made anew for this label
+            space (`RALDPreTrainedModel.for_label_space`). ``config_overrides`` may then only change
+            fields that do not define the architecture.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    dataset_name = Path(str(dataset)).name if not isinstance(dataset, DatasetDict) else None
     if not isinstance(dataset, DatasetDict):
         dataset = load_image_dataset(dataset)
     if validation_split is not None and validation_split not in dataset:
@@ -144,15 +158,22 @@ def train_rald(
     if rald_l:
         space = space.without_tree()
         overrides["use_hierarchy_bias"] = False
-    config = RALDConfig.from_label_space(space, vectors=word_vectors, **overrides)
     args = _training_arguments(output_dir, training_args)
     if validation_split is None and args.eval_strategy != "no":
         args.eval_strategy = "no"
         args.load_best_model_at_end = False
     torch.manual_seed(args.seed)
-    model = RALDForImageClassification(config)
+    if init_from is not None:
+        if backbone_weights is not None:
+            raise ValueError("Pass either init_from (a RALD checkpoint) or backbone_weights, not both")
+        model = RALDForImageClassification.from_pretrained(str(init_from)).for_label_space(
+            space, word_vectors=word_vectors, **overrides
+        )
+    else:
+        model = RALDForImageClassification(RALDConfig.from_label_space(space, vectors=word_vectors, **overrides))
     if backbone_weights is not None:
         model.load_backbone_weights(str(backbone_weights))
+    config = model.config
     num_parameters = sum(p.numel() for p in model.parameters())
     logger.info(
         "Training %s (%s backbone, %.2f M parameters) on %s", space, config.backbone, num_parameters / 1e6, space
@@ -163,11 +184,19 @@ def train_rald(
         dataset,
         space,
         processor,
+        train_transform=make_train_transform(config.image_size, processor, **(augmentation or {})),
         train_split=train_split,
         validation_split=validation_split,
         test_split=test_split,
         max_train_samples=max_train_samples,
         max_eval_samples=max_eval_samples,
+        seed=args.seed,
+    )
+    train_labels = splits.labels(splits.train)
+    bank_callback = ReferenceBankCallback(
+        splits.for_evaluation(splits.train),
+        size=reference_bank_size if model.rald.itrr is not None else 0,
+        labels=train_labels,
         seed=args.seed,
     )
     trainer = RALDTrainer(
@@ -177,13 +206,27 @@ def train_rald(
         eval_dataset=splits.validation,
         processing_class=processor,
         compute_metrics=make_compute_metrics(space),
-        train_labels=splits.labels(splits.train),
+        train_labels=train_labels,
+        callbacks=[bank_callback],
     )
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
 
     trainer.save_model(str(output_dir))
+    summary = {
+        "dataset_name": dataset_name,
+        "training_images": len(splits.train),
+        "epochs": args.num_train_epochs,
+        "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "optimizer": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
+        "learning_rate": args.learning_rate,
+        "schedule": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "seed": args.seed,
+        "started_from": str(init_from or backbone_weights or "random initialisation"),
+        "train_seconds": round(train_seconds, 1),
+    }
+    (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     scored_name = test_split or validation_split
     scored = splits.test if test_split is not None else splits.validation
     result = TrainingResult(output_dir=output_dir, metrics={}, evaluated_split=scored_name, train_seconds=train_seconds)

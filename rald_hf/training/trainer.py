@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import WeightedRandomSampler
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .losses import NNLDLOptions, nnldl_loss
 
-__all__ = ["RALDTrainer", "RALDTrainingArguments"]
+__all__ = ["RALDTrainer", "RALDTrainingArguments", "ReferenceBankCallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,3 +187,53 @@ class RALDTrainer(Trainer):
             self._component_sums = {}
             self._component_step = self.state.global_step
         super().log(logs, start_time)
+
+
+class ReferenceBankCallback(TrainerCallback):
+    """Keep a model's reference bank in step with its backbone during training.
+
+    At the start of training the bank is removed, because training changes the backbone that produced its
+    features (evaluation during training then runs in transductive mode). At the end, after the Trainer has
+    loaded the best checkpoint, the bank is rebuilt from ``dataset`` with the final weights.
+
+    Args:
+        dataset: Training images preprocessed for evaluation (no augmentation), with ``labels``.
+        size: M, the number of images in the bank; 0 builds none.
+        labels: The label of every item of ``dataset``, to draw the bank without reading every image.
+        per_class: Draw the bank class-balanced.
+        seed: Seed of the draw.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        size: int = 128,
+        labels: np.ndarray | None = None,
+        per_class: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        self.dataset = dataset
+        self.size = size
+        self.labels = labels
+        self.per_class = per_class
+        self.seed = seed
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kwargs: Any):
+        if model is not None and model.rald.has_reference_bank:
+            logger.info("Removing the reference bank: training changes the backbone that produced it")
+            model.rald.clear_reference_bank()
+
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kwargs: Any):
+        if model is None or self.size == 0:
+            return
+        batch_size = args.per_device_eval_batch_size
+        model.build_reference_bank(
+            self.dataset,
+            size=self.size,
+            per_class=self.per_class,
+            seed=self.seed,
+            batch_size=batch_size,
+            labels=self.labels,
+        )

@@ -1,0 +1,204 @@
+"""Batch-independent inference: the reference bank, its guards, and the pipeline on real images."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import TrainerCallback, pipeline
+
+from rald_hf import LabelSpace, RALDConfig, RALDForImageClassification, RALDImageProcessor
+from rald_hf.modeling_rald import select_reference_indices
+from rald_hf.training import ReferenceBankCallback, predict_images
+
+from .training.test_trainer import ImageList, _args
+from .utils import tiny_config, tiny_images
+
+
+def _model_with_bank(bank_size: int = 13, **overrides) -> RALDForImageClassification:
+    torch.manual_seed(0)
+    # test_efficientnet has BatchNorm, whose training-mode statistics would depend on the batch.
+    model = RALDForImageClassification(tiny_config(space="fer2013", **overrides))
+    labels = torch.arange(40) % 7
+    model.build_reference_bank(ImageList(tiny_images(40, seed=7), labels), size=bank_size, labels=labels.tolist())
+    return model.eval()
+
+
+def test_reference_logits_do_not_depend_on_batch():
+    model = _model_with_bank()
+    images = tiny_images(64, seed=3)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        batch = model(images).logits
+        alone = torch.cat([model(images[i : i + 1]).logits for i in range(64)])
+        shuffled = model(images[order]).logits
+    torch.testing.assert_close(alone, batch, rtol=0, atol=1e-5)
+    torch.testing.assert_close(shuffled, batch[order], rtol=0, atol=1e-5)
+
+
+def test_reference_differs_from_transductive():
+    model = _model_with_bank()
+    with torch.no_grad():
+        reference = model(tiny_images(9), relation_mode="reference").logits
+        transductive = model(tiny_images(9), relation_mode="transductive").logits
+    assert (reference - transductive).abs().max() > 1e-6
+
+
+def test_auto_mode_uses_bank():
+    model = _model_with_bank()
+    assert model.rald.resolve_relation_mode() == "reference"
+    model.rald.clear_reference_bank()
+    assert model.rald.resolve_relation_mode() == "transductive"
+    assert model.config.reference_bank_size == 0
+    assert model.config.reference_bank_fingerprint is None
+
+
+def test_reference_relations_cover_self_and_bank():
+    model = _model_with_bank(bank_size=13)
+    with torch.no_grad():
+        outputs = model(tiny_images(5), relation_mode="reference")
+    assert outputs.image_relations.shape == (5, 3, 14)
+
+
+def test_bank_is_class_balanced_and_seeded():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 3)
+    indices = select_reference_indices(labels, 30, per_class=True, seed=4)
+    counts = torch.bincount(labels[indices], minlength=3).tolist()
+    # Class 2 has only 3 images; its share goes to the other classes.
+    assert counts == [14, 13, 3]
+    assert torch.equal(indices, select_reference_indices(labels, 30, per_class=True, seed=4))
+    assert not torch.equal(indices, select_reference_indices(labels, 30, per_class=True, seed=5))
+    assert len(set(indices.tolist())) == 30
+
+
+def test_bank_larger_than_dataset_takes_everything():
+    labels = torch.tensor([0, 1, 1])
+    assert select_reference_indices(labels, 10, per_class=True, seed=0).tolist() == [0, 1, 2]
+    assert select_reference_indices(labels, 10, per_class=False, seed=0).tolist() == [0, 1, 2]
+
+
+def test_bank_round_trip(tmp_path):
+    model = _model_with_bank()
+    images = tiny_images(6, seed=9)
+    with torch.no_grad():
+        expected = model(images).logits
+    model.save_pretrained(tmp_path)
+    loaded = RALDForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.reference_bank_size == 13
+    torch.testing.assert_close(loaded.rald.reference_features, model.rald.reference_features)
+    torch.testing.assert_close(loaded.rald.reference_labels, model.rald.reference_labels)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_stale_bank_raises_until_rebuilt():
+    model = _model_with_bank()
+    with torch.no_grad():
+        model.rald.backbone.conv_stem.weight.mul_(1.5)
+        with pytest.raises(ValueError, match="reference bank was built with other backbone weights"):
+            model(tiny_images(2))
+    labels = torch.arange(40) % 7
+    model.build_reference_bank(ImageList(tiny_images(40, seed=7), labels), size=13)
+    with torch.no_grad():
+        assert model(tiny_images(2)).logits.shape == (2, 7)
+
+
+def test_bank_keys_cached_until_weights_change():
+    model = _model_with_bank()
+    with torch.no_grad():
+        first = model.rald.inference_constants(with_bank=True).bank
+        assert model.rald.inference_constants(with_bank=True).bank is first
+        model.rald.image_proj.weight.add_(0.1)
+        second = model.rald.inference_constants(with_bank=True).bank
+    assert second is not first
+    assert (second[0] - first[0]).abs().max() > 1e-4
+
+
+def test_constants_follow_device_and_dtype_moves():
+    model = _model_with_bank()
+    with torch.no_grad():
+        before = model(tiny_images(3)).logits
+        model.double()
+        doubled = model(tiny_images(3).double()).logits
+    assert doubled.dtype == torch.float64
+    torch.testing.assert_close(doubled.float(), before, rtol=1e-4, atol=1e-4)
+
+
+def test_constants_follow_load_state_dict():
+    model = _model_with_bank()
+    other = _model_with_bank()
+    with torch.no_grad():
+        for parameter in other.rald.label_encoder.parameters():
+            parameter.add_(0.3)
+        other.rald.label_encoder.label_embeddings.mul_(2.0)
+        model(tiny_images(2))  # fills the cache
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(tiny_images(2)).logits, other(tiny_images(2)).logits)
+
+
+def test_bank_shape_checks():
+    model = _model_with_bank()
+    with pytest.raises(ValueError, match=r"Reference features must have shape \(M, 256\)"):
+        model.rald.set_reference_bank(torch.zeros(4, 7), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels has 3 entries for a dataset of 40 images"):
+        model.build_reference_bank(ImageList(tiny_images(40), torch.zeros(40)), labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="size must be a positive number"):
+        model.build_reference_bank(ImageList(tiny_images(4), torch.zeros(4)), size=0)
+
+
+def test_callback_clears_and_rebuilds_bank(tmp_path):
+    model = _model_with_bank()
+    labels = torch.arange(7) % 7
+    dataset = ImageList(tiny_images(7, seed=11), labels)
+    callback = ReferenceBankCallback(dataset, size=5, labels=labels.numpy(), seed=2)
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen["bank_during_training"] = model.rald.has_reference_bank
+
+    from rald_hf.training import RALDTrainer
+
+    trainer = RALDTrainer(model=model, args=_args(tmp_path), train_dataset=dataset, callbacks=[callback, Probe()])
+    trainer.train()
+    assert seen["bank_during_training"] is False
+    assert model.config.reference_bank_size == 5
+    assert model.rald.reference_labels.tolist() == sorted(model.rald.reference_labels.tolist())
+
+
+@pytest.mark.data
+def test_pipeline_matches_predict_on_fer2013(data_dir, tmp_path):
+    """pipeline() and predict_images give the same answer for an image, alone or with others."""
+    from datasets import load_dataset
+
+    test = load_dataset(str(data_dir / "fer2013"), split="test").shuffle(seed=0).select(range(24))
+    images = [row["image"] for row in test]
+    space = LabelSpace.from_preset("fer2013")
+    torch.manual_seed(0)
+    config = RALDConfig.from_label_space(space, backbone="mobilenetv2_100", image_size=48, hidden_size=64)
+    model = RALDForImageClassification(config)
+    model.load_backbone_weights(str(data_dir / "weights" / "mobilenetv2_100.in1k.safetensors"))
+    processor = RALDImageProcessor.from_backbone(model.rald.backbone, image_size=48)
+    bank_images = processor(images)["pixel_values"]
+    mapping = torch.tensor(space.index_of_names(test.features["label"].names))
+    bank_labels = mapping[torch.tensor(test["label"])]
+    model.build_reference_bank(ImageList(bank_images, bank_labels), size=16, labels=bank_labels.tolist())
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    classifier = pipeline("image-classification", model=str(tmp_path), top_k=7)
+    assert classifier.model.config.id2label == model.config.id2label
+    alone = [classifier(image) for image in images[:6]]
+    together = classifier(images[:6], batch_size=6)
+    reversed_batch = classifier(images[5::-1], batch_size=6)[::-1]
+    for single, batched, backwards in zip(alone, together, reversed_batch, strict=True):
+        assert [p["label"] for p in single] == [p["label"] for p in batched] == [p["label"] for p in backwards]
+        np.testing.assert_allclose([p["score"] for p in single], [p["score"] for p in batched], atol=1e-5)
+        np.testing.assert_allclose([p["score"] for p in single], [p["score"] for p in backwards], atol=1e-5)
+        assert sum(p["score"] for p in single) == pytest.approx(1.0, abs=1e-4)
+        assert {p["label"] for p in single} == set(space.labels)
+
+    predicted = predict_images(tmp_path, images[:6], top_k=7)
+    predicted_alone = [predict_images(tmp_path, [image], top_k=7)[0] for image in images[:6]]
+    for from_pipeline, from_predict, from_single in zip(alone, predicted, predicted_alone, strict=True):
+        assert [p["label"] for p in from_pipeline] == [label for label, _ in from_predict]
+        np.testing.assert_allclose([p["score"] for p in from_pipeline], [s for _, s in from_predict], atol=1e-5)
+        np.testing.assert_allclose([s for _, s in from_single], [s for _, s in from_predict], atol=1e-5)
