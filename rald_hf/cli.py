@@ -191,7 +191,7 @@ def _train(args: argparse.Namespace) -> None:
         reference_bank_size=args.reference_bank_size,
         init_from=args.init_from,
     )
-    if result.metrics:
+    if result.metrics and result.is_main_process:
         print(
             f"{result.evaluated_split}: accuracy {100 * result.metrics['accuracy']:.2f} %, "
             f"macro-F1 {100 * result.metrics['macro_f1']:.2f} %; model and metrics in {result.output_dir}"

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
@@ -57,8 +58,11 @@ class RALDModelOutput(ModelOutput):
     Args:
         last_hidden_state: Image features after ITRR and LGIFO (F̂), shape (N, D).
         image_relations: Raw relation scores λ·QKᵀ of ITRR, shape (N, H, K). K is N in transductive and self
-            mode (the batch) and 1 + M in reference mode (the image itself, then the bank). ``None`` when ITRR
-            is disabled, or in self mode outside training.
+            mode (the batch), the size of the global batch in multi-process training with global relation scope,
+            and 1 + M in reference mode (the image itself, then the bank). ``None`` when ITRR is disabled, or in
+            self mode outside training.
+        relation_offset: With global relation scope, the position of this process's first image in the global
+            batch, so that image i of the batch is relation column ``relation_offset + i``; otherwise ``None``.
         backbone_features: Pooled backbone features (F), shape (N, Dv).
         label_hidden_states: Label tokens after HLRR (S̃), shape (C, D).
         hidden_states: With ``output_hidden_states``: the projected backbone features, the ITRR output and
@@ -67,6 +71,7 @@ class RALDModelOutput(ModelOutput):
 
     last_hidden_state: torch.FloatTensor | None = None
     image_relations: torch.FloatTensor | None = None
+    relation_offset: int | None = None
     backbone_features: torch.FloatTensor | None = None
     label_hidden_states: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -81,6 +86,7 @@ class RALDImageClassifierOutput(ModelOutput):
             `rald_hf.RALDTrainer`, not here.
         logits: Fine-label scores before softmax, shape (N, Cf).
         image_relations: See `RALDModelOutput`; NNLDL picks neighbours from them.
+        relation_offset: See `RALDModelOutput`.
         last_hidden_state: Image features fed to the classifier (F̂), shape (N, D).
         backbone_features: Pooled backbone features (F), shape (N, Dv).
         hidden_states: See `RALDModelOutput`.
@@ -89,6 +95,7 @@ class RALDImageClassifierOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_relations: torch.FloatTensor | None = None
+    relation_offset: int | None = None
     last_hidden_state: torch.FloatTensor | None = None
     backbone_features: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -132,6 +139,48 @@ class InferenceConstants:
     label_tokens: torch.Tensor
     label_keys: torch.Tensor | None
     bank: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather equally sized row blocks; the backward pass returns each process the summed gradient of its
+    own block. Built from ``all_gather`` and ``all_reduce``, which every backend (gloo, NCCL) supports."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor) -> torch.Tensor:
+        ctx.rank = dist.get_rank()
+        blocks = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(blocks, rows.contiguous())
+        return torch.stack(blocks)  # (W, P, ...)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank]
+
+
+def gather_across_processes(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate a tensor's rows from every process, keeping gradients, and find this process's rows.
+
+    Batches may differ in size between processes (the last batch of an epoch), so rows are padded to the
+    largest batch for the collective and the padding is removed afterwards. In the backward pass each process
+    receives the gradients of its own rows summed over all processes, so that, with gradients averaged by
+    data parallelism and losses scaled by the number of processes, training matches one process that sees
+    the whole global batch.
+
+    Returns:
+        The rows of all processes in rank order, shape (N_global, ...), and the index of this process's first
+        row in them.
+    """
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = F.pad(tensor, (0, 0) * (tensor.ndim - 1) + (0, max(sizes) - tensor.shape[0]))
+    blocks = _GatherRows.apply(padded)  # (W, max(sizes), ...)
+    rows = torch.cat([blocks[i, :count] for i, count in enumerate(sizes)])
+    return rows, sum(sizes[:rank])
 
 
 def backbone_fingerprint(backbone: nn.Module) -> str:
@@ -727,6 +776,13 @@ class RALDModel(RALDPreTrainedModel):
         """Return the HLRR label tokens S̃ (C, D), cached in no-grad evaluation like all inference constants."""
         return self.inference_constants(with_bank=False).label_tokens
 
+    def uses_global_relations(self) -> bool:
+        """Whether training relates images across all processes: ``relation_scope`` "global", or "auto" with
+        more than one process."""
+        if self.config.relation_scope == "local":
+            return False
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
     def resolve_relation_mode(self, relation_mode: RelationMode | None = None) -> RelationMode | None:
         """Return the ITRR mode a forward call uses, or ``None`` when ITRR is disabled.
 
@@ -782,9 +838,12 @@ class RALDModel(RALDPreTrainedModel):
         constants = self.inference_constants(with_bank=mode == "reference")
         relations = None
         related_tokens = image_tokens
+        context, offset = None, None
         if self.itrr is not None:
+            if mode == "transductive" and self.training and self.uses_global_relations():
+                context, offset = gather_across_processes(image_tokens)  # (N_global, D)
             related_tokens, relations = self.itrr(
-                image_tokens, mode=mode, bank=constants.bank, need_scores=self.training
+                image_tokens, context=context, mode=mode, bank=constants.bank, need_scores=self.training
             )
 
         label_tokens = constants.label_tokens  # (C, D)
@@ -797,6 +856,7 @@ class RALDModel(RALDPreTrainedModel):
         output = RALDModelOutput(
             last_hidden_state=last_hidden_state,
             image_relations=relations,
+            relation_offset=offset,
             backbone_features=backbone_features,
             label_hidden_states=label_tokens,
             hidden_states=hidden_states,
@@ -862,6 +922,7 @@ class RALDForImageClassification(RALDPreTrainedModel):
             loss=loss,
             logits=logits,
             image_relations=outputs.image_relations,
+            relation_offset=outputs.relation_offset,
             last_hidden_state=outputs.last_hidden_state,
             backbone_features=outputs.backbone_features,
             hidden_states=outputs.hidden_states,

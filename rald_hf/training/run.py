@@ -22,7 +22,7 @@ from ..configuration_rald import RALDConfig
 from ..image_processing_rald import RALDImageProcessor, to_rgb_image
 from ..labels import LabelSpace
 from ..modeling_rald import RALDForImageClassification
-from .data import LabeledSplits, load_image_dataset, make_train_transform, prepare_splits
+from .data import load_image_dataset, make_train_transform, prepare_splits
 from .metrics import classification_metrics, make_compute_metrics, plot_confusion_matrix, plot_tsne, write_metrics
 from .trainer import RALDTrainer, RALDTrainingArguments, ReferenceBankCallback
 
@@ -45,6 +45,7 @@ class TrainingResult:
     metrics: dict[str, Any]
     evaluated_split: str | None
     train_seconds: float
+    is_main_process: bool = True
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -175,9 +176,7 @@ def train_rald(
         model.load_backbone_weights(str(backbone_weights))
     config = model.config
     num_parameters = sum(p.numel() for p in model.parameters())
-    logger.info(
-        "Training %s (%s backbone, %.2f M parameters) on %s", space, config.backbone, num_parameters / 1e6, space
-    )
+    logger.info("Training RALD over %s: %s backbone, %.2f M parameters", space, config.backbone, num_parameters / 1e6)
 
     processor = RALDImageProcessor.from_backbone(model.rald.backbone, image_size=config.image_size)
     splits = prepare_splits(
@@ -226,15 +225,25 @@ def train_rald(
         "started_from": str(init_from or backbone_weights or "random initialisation"),
         "train_seconds": round(train_seconds, 1),
     }
-    (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     scored_name = test_split or validation_split
     scored = splits.test if test_split is not None else splits.validation
-    result = TrainingResult(output_dir=output_dir, metrics={}, evaluated_split=scored_name, train_seconds=train_seconds)
+    result = TrainingResult(
+        output_dir=output_dir,
+        metrics={},
+        evaluated_split=scored_name,
+        train_seconds=train_seconds,
+        is_main_process=main_process,
+    )
     if scored is not None:
-        result.metrics, result.files = _score(trainer, scored, space, output_dir, splits, tsne=tsne)
+        # Every process takes part in predict; only the main process writes files.
+        result.metrics, result.files = _score(trainer, scored, space, output_dir, tsne=tsne, write=main_process)
         result.metrics["split"] = scored_name
         result.metrics["train_seconds"] = round(train_seconds, 1)
-        write_metrics(result.metrics, output_dir)
+        if main_process:
+            write_metrics(result.metrics, output_dir)
     return result
 
 
@@ -243,9 +252,9 @@ def _score(
     dataset: Any,
     space: LabelSpace,
     output_dir: Path,
-    splits: LabeledSplits | None = None,
     tsne: bool = False,
     prefix: str = "",
+    write: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     prediction = trainer.predict(dataset, metric_key_prefix="test")
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
@@ -254,6 +263,8 @@ def _score(
     trainer.model.eval()
     metrics["relation_mode"] = trainer.model.rald.resolve_relation_mode()
     metrics["num_images"] = int(len(predictions))
+    if not write:
+        return metrics, {}
     files = {
         "metrics": output_dir / f"{prefix}metrics.json",
         "confusion_matrix": plot_confusion_matrix(

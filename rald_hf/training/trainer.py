@@ -12,16 +12,19 @@ relation batches.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import WeightedRandomSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..modeling_rald import gather_across_processes
 from .losses import NNLDLOptions, nnldl_loss
 
 __all__ = ["RALDTrainer", "RALDTrainingArguments", "ReferenceBankCallback"]
@@ -34,7 +37,9 @@ class RALDTrainingArguments(TrainingArguments):
     """`TrainingArguments` with RALD's training options.
 
     ``remove_unused_columns`` defaults to ``False`` here, because datasets prepared by `rald_hf` produce
-    ``pixel_values`` and ``labels`` in a lazy transform from columns with other names.
+    ``pixel_values`` and ``labels`` in a lazy transform from columns with other names. On a machine without
+    a GPU, launched with several processes (``torchrun``, ``accelerate launch``), ``use_cpu`` is switched on
+    so that the processes train together with gloo.
     """
 
     nnldl_warmup_steps: int = field(
@@ -57,6 +62,10 @@ class RALDTrainingArguments(TrainingArguments):
         if not torch.cuda.is_available():
             # Pinned memory only helps copies to an accelerator; without one, torch warns on every loader.
             self.dataloader_pin_memory = False
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # Under torchrun or accelerate launch without GPUs, transformers runs data parallelism on the
+                # CPU (gloo) only with use_cpu; otherwise every process would train alone.
+                self.use_cpu = True
         super().__post_init__()
         if self.nnldl_warmup_steps < 0:
             raise ValueError(f"nnldl_warmup_steps must be >= 0, got {self.nnldl_warmup_steps}")
@@ -92,6 +101,7 @@ class RALDTrainer(Trainer):
         self.class_weights = self._make_class_weights()
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_step = 0
+        self.add_callback(_WaitForCheckpoint())
 
     def _make_class_weights(self) -> torch.Tensor | None:
         args = self.args
@@ -154,12 +164,16 @@ class RALDTrainer(Trainer):
         nnldl_weight = self.nnldl_weight()
         if model.training and nnldl_weight > 0 and outputs.image_relations is not None:
             relations = outputs.image_relations
+            candidate_logits, offset = logits, 0
             if relations.shape[-1] != logits.shape[0]:
-                raise ValueError(
-                    f"NNLDL needs the relations among the {logits.shape[0]} batch images, got relations to "
-                    f"{relations.shape[-1]} images; train with relation_mode 'transductive' or 'self'"
-                )
-            nnldl = nnldl_loss(logits, relations, self.nnldl_options) / count
+                if not self._global_relations(model):
+                    raise ValueError(
+                        f"NNLDL needs the relations among the {logits.shape[0]} batch images, got relations to "
+                        f"{relations.shape[-1]} images; train with relation_mode 'transductive' or 'self'"
+                    )
+                # Global relation scope: the candidates are the images of every process.
+                candidate_logits, offset = gather_across_processes(logits)
+            nnldl = nnldl_loss(logits, relations, self.nnldl_options, candidate_logits, offset) / count
             loss = loss + nnldl_weight * nnldl
 
         if model.training:
@@ -171,6 +185,10 @@ class RALDTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def _global_relations(self, model: torch.nn.Module) -> bool:
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped.rald.uses_global_relations()
+
     def _record_component(self, name: str, value: torch.Tensor) -> None:
         total = self._component_sums.get(name)
         value = value.detach().float()
@@ -180,9 +198,12 @@ class RALDTrainer(Trainer):
         """Add the mean ``ce_loss`` and ``nnldl_loss`` per optimizer step since the last training log."""
         if "loss" in logs and self._component_sums:
             steps = max(self.state.global_step - self._component_step, 1)
+            # With average_tokens_across_devices each process's term is already divided by the global image
+            # count, so the terms of all processes add up; otherwise each is a per-process mean.
+            reduction = "sum" if self.args.average_tokens_across_devices else "mean"
             for name, total in self._component_sums.items():
                 if self.accelerator.num_processes > 1:
-                    total = self.accelerator.reduce(total.to(self.args.device), reduction="mean")
+                    total = self.accelerator.reduce(total.to(self.args.device), reduction=reduction)
                 logs[name] = round(float(total) / steps, 4)
             self._component_sums = {}
             self._component_step = self.state.global_step
@@ -237,3 +258,15 @@ class ReferenceBankCallback(TrainerCallback):
             batch_size=batch_size,
             labels=self.labels,
         )
+
+
+class _WaitForCheckpoint(TrainerCallback):
+    """Hold every process until the main process has written a checkpoint.
+
+    Only the main process writes checkpoints, and the others would otherwise reach the loading of the best
+    checkpoint at the end of training before it exists on disk, and keep other weights.
+    """
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.world_size > 1:
+            PartialState().wait_for_everyone()
