@@ -11,24 +11,17 @@ Usage:
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 from datasets import load_dataset
-from torch.utils.data import Dataset
 
 from rald_hf import LabelSpace, RALDConfig, RALDForImageClassification, RALDImageProcessor
 from rald_hf.training import RALDTrainer, RALDTrainingArguments
 
-
-class ImageList(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": self.images[index], "labels": int(self.labels[index])}
+# Run as a script, this file is outside the tests package; make the package importable for its helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.utils import ImageList  # noqa: E402
 
 
 def main() -> None:

@@ -15,8 +15,7 @@ from rald_hf import LabelSpace, RALDConfig, RALDForImageClassification, RALDImag
 from rald_hf.hub import build_model_card
 
 from .hub_server import HubStandIn
-from .training.test_trainer import ImageList
-from .utils import tiny_config, tiny_images
+from .utils import ImageList, tiny_config, tiny_images
 
 METRICS = {
     "accuracy": 0.6123,

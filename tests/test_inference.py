@@ -9,8 +9,8 @@ from rald_hf import LabelSpace, RALDConfig, RALDForImageClassification, RALDImag
 from rald_hf.modeling_rald import select_reference_indices
 from rald_hf.training import ReferenceBankCallback, predict_images
 
-from .training.test_trainer import ImageList, _args
-from .utils import tiny_config, tiny_images
+from .training.test_trainer import _args
+from .utils import ImageList, tiny_config, tiny_images
 
 
 def _model_with_bank(bank_size: int = 13, **overrides) -> RALDForImageClassification:

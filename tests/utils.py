@@ -1,6 +1,7 @@
 """Helpers for the tests: tiny RALD configs with distinct odd sizes."""
 
 import torch
+from torch.utils.data import Dataset
 
 from rald_hf import LabelSpace, RALDConfig
 
@@ -27,3 +28,17 @@ def tiny_images(batch_size: int = BATCH_SIZE, size: int = 35, seed: int = 0) -> 
     """Random images of shape (batch_size, 3, size, size)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch_size, 3, size, size, generator=generator)
+
+
+class ImageList(Dataset):
+    """A fixed list of images and labels, in the item format RALDTrainer and the reference bank expect."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.images[index], "labels": int(self.labels[index])}

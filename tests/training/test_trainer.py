@@ -1,28 +1,13 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 from rald_hf import RALDForImageClassification
 from rald_hf.training import NNLDLOptions, RALDTrainer, RALDTrainingArguments, nnldl_loss
 
-from ..utils import tiny_config, tiny_images
+from ..utils import ImageList, tiny_config, tiny_images
 
 NUM_IMAGES = 7
-
-
-class ImageList(Dataset):
-    """A fixed list of images and labels in the format RALDTrainer expects."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": self.images[index], "labels": int(self.labels[index])}
 
 
 def _dataset(size: int = NUM_IMAGES) -> ImageList:
