@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-eval-samples", type=int, help="score a stratified subset of this many images")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the subset and the evaluation order")
     evaluate.add_argument("--tsne", action="store_true", help="also plot a t-SNE map of the image features")
+    evaluate.add_argument(
+        "--no-shuffle",
+        action="store_true",
+        help="keep the split's stored order (class-sorted in many datasets), to measure how much transductive "
+        "relations leak the labels",
+    )
 
     predict = commands.add_parser("predict", help="print the top labels of image files")
     predict.add_argument("checkpoint", help="checkpoint folder")
@@ -212,6 +218,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         max_eval_samples=args.max_eval_samples,
         seed=args.seed,
         tsne=args.tsne,
+        shuffle=not args.no_shuffle,
     )
     print(per_class_table(metrics))
     levels = ", ".join(f"{k} {100 * v:.2f} %" for k, v in metrics.items() if k.startswith("accuracy_"))

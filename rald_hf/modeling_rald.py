@@ -62,7 +62,7 @@ class RALDModelOutput(ModelOutput):
             and 1 + M in reference mode (the image itself, then the bank). ``None`` when ITRR is disabled, or in
             self mode outside training.
         relation_offset: With global relation scope, the position of this process's first image in the global
-            batch, so that image i of the batch is relation column ``relation_offset + i``; otherwise ``None``.
+            batch: image i of the batch is relation column ``relation_offset + i``. ``None`` otherwise.
         backbone_features: Pooled backbone features (F), shape (N, Dv).
         label_hidden_states: Label tokens after HLRR (S̃), shape (C, D).
         hidden_states: With ``output_hidden_states``: the projected backbone features, the ITRR output and
@@ -164,9 +164,9 @@ def gather_across_processes(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
     Batches may differ in size between processes (the last batch of an epoch), so rows are padded to the
     largest batch for the collective and the padding is removed afterwards. In the backward pass each process
-    receives the gradients of its own rows summed over all processes, so that, with gradients averaged by
-    data parallelism and losses scaled by the number of processes, training matches one process that sees
-    the whole global batch.
+    receives the gradients of its own rows summed over all processes. Data parallelism then averages the
+    gradients, and the losses are scaled by the number of processes, so training matches one process that is
+    given the whole global batch.
 
     Returns:
         The rows of all processes in rank order, shape (N_global, ...), and the index of this process's first
@@ -777,8 +777,10 @@ class RALDModel(RALDPreTrainedModel):
         return self.inference_constants(with_bank=False).label_tokens
 
     def uses_global_relations(self) -> bool:
-        """Whether training relates images across all processes: ``relation_scope`` "global", or "auto" with
-        more than one process."""
+        """Return whether training relates images across all processes.
+
+        That is the case with ``relation_scope`` "global" or "auto" when more than one process runs.
+        """
         if self.config.relation_scope == "local":
             return False
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

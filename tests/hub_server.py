@@ -1,6 +1,6 @@
 """A stand-in for the Hugging Face Hub on 127.0.0.1 that records what a client would upload.
 
-It answers the calls `huggingface_hub` makes to create a repository and commit files: repository creation,
+It handles the calls `huggingface_hub` makes to create a repository and commit files: repository creation,
 the model-card metadata check (the YAML must parse to a mapping), the pre-upload check (every file is
 uploaded inline, so no LFS or Xet storage is involved) and the commit, whose files it decodes and keeps in
 ``commits``. Other requests get 404 and are listed in ``unexpected``.

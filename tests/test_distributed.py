@@ -1,5 +1,6 @@
 """Multi-process training: global relation scope matches one process on the same global batch."""
 
+import json
 import os
 import socket
 import subprocess
@@ -91,3 +92,26 @@ def test_gather_with_unequal_batches_and_gradients(tmp_path):
         # Row r is weighted (r + 1) by process 0 and 2 (r + 1) by process 1.
         expected_grad = torch.tensor([[3.0 * (r + 1)] * 4 for r in rows], dtype=torch.float64)
         torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.data
+def test_two_process_cli_training(data_dir, tmp_path):
+    """The documented torchrun command trains, scores and saves once, on CPU with gloo."""
+    output = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "rald_hf.cli", "train", "--dataset", str(data_dir / "fer2013"), "--output-dir", str(output),
+        "--preset", "fer2013", "--rald-l", "--backbone", "test_convnext", "--image-size", "32", "--epochs", "1",
+        "--batch-size", "32", "--max-train-samples", "256", "--max-eval-samples", "128",
+        "--reference-bank-size", "32", "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("test: accuracy") == 1, "only the main process reports"
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["num_images"] == 128
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["batch_size"] == 64, "the global batch is the per-process batch times the processes"
+    config = json.loads((output / "config.json").read_text())
+    assert config["reference_bank_size"] == 32

@@ -166,7 +166,7 @@ def test_callback_clears_and_rebuilds_bank(tmp_path):
 
 @pytest.mark.data
 def test_pipeline_matches_predict_on_fer2013(data_dir, tmp_path):
-    """pipeline() and predict_images give the same answer for an image, alone or with others."""
+    """pipeline() and predict_images return the same labels and scores for an image, alone or with others."""
     from datasets import load_dataset
 
     test = load_dataset(str(data_dir / "fer2013"), split="test").shuffle(seed=0).select(range(24))

@@ -214,12 +214,14 @@ def prepare_splits(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     seed: int = 0,
+    shuffle_evaluation: bool = True,
 ) -> LabeledSplits:
     """Select, subsample, shuffle and transform the splits of a dataset for training and evaluation.
 
     The training split gets ``train_transform`` (timm augmentation by default); the others get the image
-    processor. Evaluation splits are shuffled with ``seed``: batch attention over a class-sorted split
-    (FER2013's files are sorted by class) would let the other images of a batch reveal the label.
+    processor. Evaluation splits are shuffled with ``seed``, because batch attention over a class-sorted split
+    (FER2013's files are sorted by class) lets the other images of a batch reveal the label.
+    ``shuffle_evaluation=False`` keeps the stored order, to measure that leak.
 
     Raises:
         ValueError: For a split name the dataset lacks, splits with different class names, or class names
@@ -254,7 +256,7 @@ def prepare_splits(
             raise ValueError(f"Split {name!r} is empty")
         if limit is not None:
             split = stratified_subset(split, limit, seed, label_column)
-        if not training:
+        if not training and shuffle_evaluation:
             split = split.shuffle(seed=seed)
         transform = train_transform if training else processor.transform
         return with_image_transform(split, transform, mapping, image_column, label_column)

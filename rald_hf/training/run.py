@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainingResult:
-    """What `train_rald` produced."""
+    """Outputs of `train_rald`: the folder, the scored metrics and the files written."""
 
     output_dir: Path
     metrics: dict[str, Any]
@@ -310,6 +310,7 @@ def evaluate_checkpoint(
     max_eval_samples: int | None = None,
     seed: int = 0,
     tsne: bool = False,
+    shuffle: bool = True,
 ) -> dict[str, Any]:
     """Score a saved checkpoint on one split of a dataset; write metrics and plots when ``output_dir`` is set.
 
@@ -323,6 +324,8 @@ def evaluate_checkpoint(
         max_eval_samples: Score a stratified, seeded subset of this size.
         seed: Seed of the subset and of the evaluation order.
         tsne: Also save a t-SNE map of the image features.
+        shuffle: Shuffle the evaluation order with ``seed``. ``False`` keeps the dataset's order, which for a
+            class-sorted split shows how much transductive relations leak the labels.
     """
     model = RALDForImageClassification.from_pretrained(str(checkpoint))
     if relation_mode is not None:
@@ -340,6 +343,7 @@ def evaluate_checkpoint(
         test_split=None,
         max_eval_samples=max_eval_samples,
         seed=seed,
+        shuffle_evaluation=shuffle,
     )
     work_dir = Path(output_dir) if output_dir is not None else Path(checkpoint)
     args = RALDTrainingArguments(
@@ -356,6 +360,8 @@ def evaluate_checkpoint(
         target = Path(tempfile.mkdtemp(prefix="rald-eval-"))
     metrics, _ = _score(trainer, splits.validation, space, target, tsne=tsne, prefix=f"{split}_")
     metrics["split"] = split
+    metrics["shuffled"] = shuffle
+    metrics["batch_size"] = batch_size
     if output_dir is not None:
         write_metrics(metrics, output_dir, prefix=f"{split}_")
     return metrics
