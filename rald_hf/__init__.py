@@ -24,7 +24,10 @@ __version__ = "0.1.0"
 AutoConfig.register(RALDConfig.model_type, RALDConfig, exist_ok=True)
 AutoModel.register(RALDConfig, RALDModel, exist_ok=True)
 AutoModelForImageClassification.register(RALDConfig, RALDForImageClassification, exist_ok=True)
-AutoImageProcessor.register(RALDConfig, image_processor_classes={"pil": RALDImageProcessor}, exist_ok=True)
+# One class serves both backends: it works on PIL images and tensors alike, through timm's transform.
+AutoImageProcessor.register(
+    RALDConfig, image_processor_classes={"pil": RALDImageProcessor, "torchvision": RALDImageProcessor}, exist_ok=True
+)
 RALDConfig.register_for_auto_class()
 RALDModel.register_for_auto_class("AutoModel")
 RALDForImageClassification.register_for_auto_class("AutoModelForImageClassification")

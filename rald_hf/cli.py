@@ -39,13 +39,37 @@ def _parse_value(text: str) -> Any:
 
 
 def _config_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    from .training.run import check_config_fields
+
     overrides = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
         if not separator or not key:
             raise SystemExit(f"--set expects KEY=VALUE (a RALDConfig field), got {pair!r}")
         overrides[key] = _parse_value(value)
+    try:
+        check_config_fields(overrides)
+    except ValueError as error:
+        raise SystemExit(f"--set: {error}") from error
     return overrides
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the epilog's layout and show every option's default."""
+
+
+RELATION_MODE_HELP = (
+    "what each image attends to: 'reference' (itself and the stored bank of training features; independent of the "
+    "batch), 'transductive' (the other images of its batch, as published), 'self' (only itself); default: the "
+    "checkpoint's mode"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model on a labelled image dataset",
         epilog=TRAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     train.add_argument(
         "--dataset", required=True, help="dataset folder (parquet, image folder, save_to_disk) or Hub id"
@@ -82,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=0.01, help="peak learning rate")
     train.add_argument("--optimizer", choices=["sgd", "adamw_torch"], default="sgd", help="optimizer")
     train.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
-    train.add_argument("--warmup-steps", type=int, default=50, help="learning-rate warm-up in optimizer steps")
+    train.add_argument(
+        "--warmup-steps",
+        type=float,
+        default=0.05,
+        help="learning-rate warm-up: optimizer steps, or a fraction of all steps when below 1",
+    )
     train.add_argument("--seed", type=int, default=0, help="seed of initialisation, subsets and data order")
     train.add_argument("--max-train-samples", type=int, help="train on a stratified subset of this many images")
     train.add_argument("--max-eval-samples", type=int, help="evaluate on stratified subsets of this many images")
@@ -108,18 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any other RALDConfig field, JSON value"
     )
 
-    evaluate = commands.add_parser("evaluate", help="score a checkpoint on a dataset split")
+    evaluate = commands.add_parser(
+        "evaluate", help="score a checkpoint on a dataset split", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     evaluate.add_argument("checkpoint", help="checkpoint folder")
     evaluate.add_argument("--dataset", required=True, help="dataset folder or Hub id")
     evaluate.add_argument("--split", default="test", help="split to score")
     evaluate.add_argument("--output-dir", help="where metrics and plots go (default: a temporary folder)")
-    evaluate.add_argument("--batch-size", type=int, default=128, help="images per batch")
     evaluate.add_argument(
-        "--relation-mode", choices=["reference", "transductive", "self"], help="override the checkpoint's mode"
+        "--batch-size", type=int, default=128, help="images per batch; in transductive mode, how many relate"
     )
+    evaluate.add_argument("--relation-mode", choices=["reference", "transductive", "self"], help=RELATION_MODE_HELP)
     evaluate.add_argument("--max-eval-samples", type=int, help="score a stratified subset of this many images")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the subset and the evaluation order")
     evaluate.add_argument("--tsne", action="store_true", help="also plot a t-SNE map of the image features")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
     evaluate.add_argument(
         "--no-shuffle",
         action="store_true",
@@ -127,16 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
         "relations leak the labels",
     )
 
-    predict = commands.add_parser("predict", help="print the top labels of image files")
+    predict = commands.add_parser(
+        "predict", help="print the top labels of image files", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     predict.add_argument("checkpoint", help="checkpoint folder")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--top-k", type=int, default=3, help="labels to print per image")
-    predict.add_argument(
-        "--relation-mode", choices=["reference", "transductive", "self"], help="override the checkpoint's mode"
-    )
+    predict.add_argument("--top-k", type=_positive_int, default=3, help="labels to print per image")
+    predict.add_argument("--relation-mode", choices=["reference", "transductive", "self"], help=RELATION_MODE_HELP)
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    push = commands.add_parser("push", help="upload a checkpoint with its model card to the Hugging Face Hub")
+    push = commands.add_parser(
+        "push",
+        help="upload a checkpoint with its model card to the Hugging Face Hub",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     push.add_argument("checkpoint", help="checkpoint folder")
     push.add_argument("repo_id", help="Hub repository, such as org/rald-fer2013")
     push.add_argument("--dataset-name", help="training dataset id or name for the model card")
@@ -268,11 +304,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run ``rald-hf`` with ``argv`` (default: the process arguments)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     handlers = {"train": _train, "evaluate": _evaluate, "predict": _predict, "push": _push}
     try:
         handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as error:
-        logger.error("%s", error)
+    except (ValueError, OSError) as error:
+        logger.error("%s", error or type(error).__name__)
         sys.exit(1)
 
 

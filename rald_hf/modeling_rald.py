@@ -12,6 +12,7 @@ Dv backbone feature width, Ds label embedding width.
 """
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -636,8 +637,22 @@ class RALDModel(RALDPreTrainedModel):
                 model (classifier removed, input channels adapted). ``None`` lets timm fetch the default
                 pretrained weights of the architecture, which needs network access.
         """
-        overlay = {"file": str(checkpoint_path)} if checkpoint_path is not None else None
-        pretrained = _create_backbone(self.config, pretrained=True, pretrained_cfg_overlay=overlay)
+        overlay = None
+        if checkpoint_path is not None:
+            if not os.path.isfile(checkpoint_path):
+                raise FileNotFoundError(f"Backbone weights file {checkpoint_path} not found")
+            overlay = {"file": str(checkpoint_path)}
+        try:
+            pretrained = _create_backbone(self.config, pretrained=True, pretrained_cfg_overlay=overlay)
+        except RuntimeError as error:
+            mismatched = str(error).count("size mismatch")
+            if not mismatched and "Missing key" not in str(error):
+                raise
+            raise ValueError(
+                f"The weights in {checkpoint_path or 'timm'} do not fit the {self.config.backbone} backbone "
+                f"({mismatched} tensors differ in shape; first problem: {_first_line(error)}). Pass weights saved "
+                f"from a {self.config.backbone} model, or choose the backbone those weights belong to."
+            ) from error
         self.backbone.load_state_dict(pretrained.state_dict())
         logger.info("Loaded backbone weights for %s from %s", self.config.backbone, checkpoint_path or "timm")
 
@@ -804,7 +819,8 @@ class RALDModel(RALDPreTrainedModel):
         if relation_mode == "reference" and not self.has_reference_bank:
             raise ValueError(
                 "relation_mode='reference' needs a reference bank, and this model has none. Build one with "
-                "model.build_reference_bank(dataset), or pass relation_mode='transductive'."
+                "model.build_reference_bank(dataset), or pass relation_mode='transductive' "
+                "(rald-hf: --relation-mode transductive)."
             )
         return relation_mode
 
@@ -993,6 +1009,12 @@ def _check_same_labels(stored: RALDConfig, requested: RALDConfig, source: str) -
         + ". Labels are compared by name and order. To start a model for the new labels from this checkpoint, "
         "pass label_space=LabelSpace(...) to from_pretrained, or use rald-hf train --init-from CHECKPOINT."
     )
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = [line for line in lines if "size mismatch" in line or "Missing key" in line]
+    return (detail or lines or [type(error).__name__])[0]
 
 
 def _check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> None:

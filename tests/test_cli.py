@@ -230,3 +230,61 @@ def test_fer2013_end_to_end(data_dir, tmp_path):
     again = json.loads((reloaded / "test_metrics.json").read_text())
     assert again["confusion_matrix"] == metrics["confusion_matrix"]
     assert again["accuracy"] == metrics["accuracy"]
+
+
+def test_misspelt_set_field_is_rejected():
+    with pytest.raises(SystemExit, match="'atention_residual' \\(did you mean 'attention_residual'\\?\\)"):
+        main(["train", "--dataset", "x", "--output-dir", "y", "--set", "atention_residual=false"])
+
+
+def test_missing_checkpoint_names_it(tmp_path, caplog):
+    missing = tmp_path / "runs" / "nothere"
+    with pytest.raises(SystemExit):
+        main(["predict", str(missing), str(tmp_path / "face.png")])
+    # Images are read before the model loads, so a missing image is reported first.
+    assert "Could not read image" in caplog.text
+    Image.new("L", (8, 8)).save(tmp_path / "face.png")
+    caplog.clear()
+    with pytest.raises(SystemExit):
+        main(["predict", str(missing), str(tmp_path / "face.png")])
+    assert f"Checkpoint {missing} not found" in caplog.text
+
+
+def test_missing_backbone_weights_file(faces, tmp_path, caplog):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "train",
+                "--dataset",
+                str(faces),
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--backbone-weights",
+                "/nope.safetensors",
+                *TINY_TRAIN,
+            ]
+        )
+    assert "Backbone weights file /nope.safetensors not found" in caplog.text
+
+
+def test_explicit_missing_validation_split(faces, tmp_path, caplog):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "train",
+                "--dataset",
+                str(faces),
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--validation-split",
+                "valid",
+                *TINY_TRAIN,
+            ]
+        )
+    assert "Validation split 'valid' not found" in caplog.text
+
+
+def test_top_k_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "ckpt", "face.png", "--top-k", "0"])
+    assert "must be at least 1" in capsys.readouterr().err

@@ -247,3 +247,11 @@ def test_label_space_of_any_size():
     space = LabelSpace.from_parent_map(["joy", "relief", "fear"], {"joy": "good", "relief": "good", "fear": "bad"})
     model = RALDForImageClassification(tiny_config(space))
     assert model(tiny_images()).logits.shape == (BATCH_SIZE, 3)
+
+
+def test_backbone_weights_of_another_architecture(tmp_path):
+    other = timm.create_model("test_resnet", num_classes=0)
+    path = tmp_path / "test_resnet.safetensors"
+    save_file(other.state_dict(), str(path))
+    with pytest.raises(ValueError, match=r"do not fit the test_efficientnet backbone .*Pass weights saved"):
+        _model().load_backbone_weights(str(path))

@@ -217,10 +217,14 @@ class LabelSpace:
             cycle = None
         if cycle:
             loop = " -> ".join([edge[0] for edge in cycle] + [cycle[0][0]])
-            raise ValueError(
-                f"The label tree has a cycle: {loop}. A name that stands at two levels needs the per-level "
-                "form: LabelSpace(labels, parents=[fine_to_coarse, coarse_to_top])"
-            )
+            if len(cycle) == 1:
+                advice = (
+                    "A name that stands at two levels (a coarse and a fine 'anger') needs the per-level form: "
+                    "LabelSpace(labels, parents=[fine_to_coarse, coarse_to_top])"
+                )
+            else:
+                advice = "Give each label one parent on the level above it, so that the chain ends at a top label"
+            raise ValueError(f"The label tree has a cycle: {loop}. {advice}.")
         reachable = set(labels)
         for label in labels:
             reachable |= nx.descendants(graph, label)

@@ -6,8 +6,11 @@ fields or its own parameters, so the CLI stays a thin layer of argument parsing.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ from .trainer import RALDTrainer, RALDTrainingArguments, ReferenceBankCallback
 
 __all__ = [
     "TrainingResult",
+    "check_config_fields",
     "evaluate_checkpoint",
     "predict_images",
     "resolve_label_space",
@@ -47,6 +51,22 @@ class TrainingResult:
     train_seconds: float
     is_main_process: bool = True
     files: dict[str, Path] = field(default_factory=dict)
+
+
+def check_config_fields(fields: dict[str, Any]) -> None:
+    """Raise a `ValueError` for names that are not `RALDConfig` fields, suggesting the closest ones.
+
+    `PreTrainedConfig` keeps unknown keyword arguments as extra attributes, so a misspelt field would
+    otherwise be stored and ignored.
+    """
+    known = {field.name for field in dataclasses.fields(RALDConfig)}
+    unknown = [name for name in fields if name not in known]
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, sorted(known), n=1) for name in unknown}
+        described = ", ".join(
+            f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for name, hint in hints.items()
+        )
+        raise ValueError(f"Unknown RALDConfig fields: {described}. The fields are listed in RALDConfig's docstring.")
 
 
 def resolve_label_space(spec: LabelSpace | str | Path | None, splits_source: DatasetDict | None = None) -> LabelSpace:
@@ -71,6 +91,8 @@ def resolve_label_space(spec: LabelSpace | str | Path | None, splits_source: Dat
         return LabelSpace.from_preset(str(spec))
     path = Path(spec)
     if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"Label tree file {path} not found")
         return LabelSpace.from_json_file(path)
     raise ValueError(
         f"Label space {spec!r} is neither a preset ({LabelSpace.available_presets()}) nor a label-tree JSON file"
@@ -147,15 +169,23 @@ def train_rald(
     dataset_name = Path(str(dataset)).name if not isinstance(dataset, DatasetDict) else None
     if not isinstance(dataset, DatasetDict):
         dataset = load_image_dataset(dataset)
+    if train_split not in dataset:
+        raise ValueError(f"Split {train_split!r} not found; the dataset has {list(dataset)}")
+    # A missing split under its default name is optional; a missing split named by the caller is a mistake.
     if validation_split is not None and validation_split not in dataset:
-        logger.warning("The dataset has no %r split; training without per-epoch evaluation", validation_split)
+        if validation_split != "validation":
+            raise ValueError(f"Validation split {validation_split!r} not found; the dataset has {list(dataset)}")
+        logger.warning("The dataset has no 'validation' split; training without per-epoch evaluation")
         validation_split = None
     if test_split is not None and test_split not in dataset:
-        logger.warning("The dataset has no %r split; scoring the validation split instead", test_split)
+        if test_split != "test":
+            raise ValueError(f"Test split {test_split!r} not found; the dataset has {list(dataset)}")
+        logger.warning("The dataset has no 'test' split; scoring the validation split instead")
         test_split = None
 
     space = resolve_label_space(label_space, dataset)
     overrides = dict(config_overrides or {})
+    check_config_fields(overrides)
     if rald_l:
         space = space.without_tree()
         overrides["use_hierarchy_bias"] = False
@@ -167,9 +197,7 @@ def train_rald(
     if init_from is not None:
         if backbone_weights is not None:
             raise ValueError("Pass either init_from (a RALD checkpoint) or backbone_weights, not both")
-        model = RALDForImageClassification.from_pretrained(str(init_from)).for_label_space(
-            space, word_vectors=word_vectors, **overrides
-        )
+        model = load_checkpoint(init_from).for_label_space(space, word_vectors=word_vectors, **overrides)
     else:
         model = RALDForImageClassification(RALDConfig.from_label_space(space, vectors=word_vectors, **overrides))
     if backbone_weights is not None:
@@ -318,7 +346,8 @@ def evaluate_checkpoint(
         checkpoint: A folder written by `train_rald` or ``save_pretrained``.
         dataset: Anything `rald_hf.training.load_image_dataset` accepts, or a loaded `DatasetDict`.
         split: The split to score.
-        output_dir: Where ``<split>_metrics.json``, the per-class table and the confusion matrix go.
+        output_dir: Where ``<split>_metrics.json``, the per-class table and the confusion matrix go (a
+            temporary folder by default).
         batch_size: Images per evaluation batch; in transductive mode this is how many images relate.
         relation_mode: Override the checkpoint's inference relation mode.
         max_eval_samples: Score a stratified, seeded subset of this size.
@@ -327,7 +356,7 @@ def evaluate_checkpoint(
         shuffle: Shuffle the evaluation order with ``seed``. ``False`` keeps the dataset's order, which for a
             class-sorted split shows how much transductive relations leak the labels.
     """
-    model = RALDForImageClassification.from_pretrained(str(checkpoint))
+    model = load_checkpoint(checkpoint)
     if relation_mode is not None:
         model.config.inference_relation_mode = relation_mode
     processor = _load_processor(checkpoint, model)
@@ -345,19 +374,16 @@ def evaluate_checkpoint(
         seed=seed,
         shuffle_evaluation=shuffle,
     )
-    work_dir = Path(output_dir) if output_dir is not None else Path(checkpoint)
+    scratch = tempfile.mkdtemp(prefix="rald-eval-")
     args = RALDTrainingArguments(
-        output_dir=str(work_dir / "evaluation"),
+        output_dir=scratch,
         per_device_eval_batch_size=batch_size,
         report_to="none",
         seed=seed,
     )
     trainer = RALDTrainer(model=model, args=args, processing_class=processor)
-    target = Path(output_dir) if output_dir is not None else None
-    if target is None:
-        import tempfile
-
-        target = Path(tempfile.mkdtemp(prefix="rald-eval-"))
+    target = Path(output_dir) if output_dir is not None else Path(scratch)
+    target.mkdir(parents=True, exist_ok=True)
     metrics, _ = _score(trainer, splits.validation, space, target, tsne=tsne, prefix=f"{split}_")
     metrics["split"] = split
     metrics["shuffled"] = shuffle
@@ -365,6 +391,19 @@ def evaluate_checkpoint(
     if output_dir is not None:
         write_metrics(metrics, output_dir, prefix=f"{split}_")
     return metrics
+
+
+def load_checkpoint(checkpoint: str | Path) -> RALDForImageClassification:
+    """Load a RALD classifier from a folder or Hub id, with a clear error when neither exists."""
+    try:
+        return RALDForImageClassification.from_pretrained(str(checkpoint))
+    except OSError as error:
+        if Path(checkpoint).exists():
+            raise
+        raise FileNotFoundError(
+            f"Checkpoint {checkpoint} not found: it is not a local folder, and loading it as a Hub id failed "
+            f"({str(error).splitlines()[0]})"
+        ) from error
 
 
 def _load_processor(checkpoint: str | Path, model: RALDForImageClassification) -> RALDImageProcessor:
@@ -393,13 +432,8 @@ def predict_images(
     """
     from PIL import Image
 
-    if isinstance(checkpoint, RALDForImageClassification):
-        model = checkpoint
-        processor = processor or RALDImageProcessor.from_backbone(model.rald.backbone, model.config.image_size)
-    else:
-        model = RALDForImageClassification.from_pretrained(str(checkpoint))
-        processor = processor or _load_processor(checkpoint, model)
-    model.eval()
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
     loaded = []
     for image in images:
         if isinstance(image, str | Path):
@@ -411,6 +445,13 @@ def predict_images(
                 raise ValueError(f"Could not read image {image}: {error}") from error
         else:
             loaded.append(image)
+    if isinstance(checkpoint, RALDForImageClassification):
+        model = checkpoint
+        processor = processor or RALDImageProcessor.from_backbone(model.rald.backbone, model.config.image_size)
+    else:
+        model = load_checkpoint(checkpoint)
+        processor = processor or _load_processor(checkpoint, model)
+    model.eval()
     pixel_values = processor(loaded)["pixel_values"].to(next(model.parameters()).device)
     probabilities = model(pixel_values, relation_mode=relation_mode).logits.softmax(dim=-1)
     top = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
