@@ -36,7 +36,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-itrr": {"use_itrr": False},
     "no-lgifo": {"use_lgifo": False},
     "no-nnldl": {"nnldl_weight": 0.0},
-    "literal": {"attention_residual": False},
+    "literal": {"attention_residual": False, "zero_init_last": False},
+    "no-zero-init": {"zero_init_last": False},
+    "nnldl-batch-mean": {"nnldl_reduction": "batch_mean"},
     "pre-norm": {"norm_first": True},
     "nnldl-paper": {"nnldl_reduction": "paper"},
     "nnldl-ramp": {"training": {"nnldl_warmup_steps": 150}},
@@ -44,6 +46,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "nnldl-no-detach": {"nnldl_detach_target": False},
     "nnldl-self": {"nnldl_include_self": True},
     "nnldl-k10": {"num_neighbors": 10},
+    "first-defaults": {"zero_init_last": False, "nnldl_reduction": "batch_mean"},
+    "zero-init": {"zero_init_last": True, "nnldl_reduction": "batch_mean"},
+    "zero-init-pre-norm": {"zero_init_last": True, "norm_first": True, "nnldl_reduction": "batch_mean"},
+    "zero-init-no-nnldl": {"zero_init_last": True, "nnldl_weight": 0.0},
+    "zero-init-nnldl-paper": {"zero_init_last": True, "nnldl_reduction": "paper"},
+    "zero-init-ramp": {
+        "zero_init_last": True,
+        "nnldl_reduction": "batch_mean",
+        "training": {"nnldl_warmup_steps": 170},
+    },
+    "zero-init-paper-ramp": {
+        "zero_init_last": True,
+        "nnldl_reduction": "paper",
+        "training": {"nnldl_warmup_steps": 170},
+    },
 }
 
 # Training augmentation: "flip" suits short budgets, "default" is rald_hf's full timm augmentation.
@@ -60,13 +77,22 @@ DESCRIPTIONS = {
     "no-lgifo": "RALD-L without LGIFO",
     "no-nnldl": "RALD-L without NNLDL",
     "literal": "RALD-L without the residual path (equations as written)",
+    "no-zero-init": "RALD-L with attention branches initialised at random instead of zero",
+    "nnldl-batch-mean": "RALD-L, NNLDL summed over classes and averaged over images (7x the weight)",
     "pre-norm": "RALD-L with pre-norm blocks",
-    "nnldl-paper": "RALD-L, NNLDL divided by N*Cf (published normalisation)",
+    "nnldl-paper": "RALD-L, NNLDL divided by N*Cf (published normalisation, the default)",
     "nnldl-ramp": "RALD-L, NNLDL weight ramped in over 150 steps",
     "nnldl-uniform": "RALD-L, uniform neighbour weights",
     "nnldl-no-detach": "RALD-L, gradients through the NNLDL target",
     "nnldl-self": "RALD-L, an image counts among its own neighbours",
     "nnldl-k10": "RALD-L, k = 10 neighbours",
+    "first-defaults": "RALD-L with random-initialised attention branches and NNLDL averaged over images",
+    "zero-init": "RALD-L, each block starts as the identity (zero_init_last), NNLDL averaged over images",
+    "zero-init-pre-norm": "as zero-init, with pre-norm blocks",
+    "zero-init-no-nnldl": "RALD-L, zero_init_last, without NNLDL",
+    "zero-init-nnldl-paper": "RALD-L, zero_init_last, NNLDL divided by N*Cf",
+    "zero-init-ramp": "as zero-init, NNLDL weight ramped in over 3 epochs",
+    "zero-init-paper-ramp": "RALD-L, zero_init_last, NNLDL divided by N*Cf and ramped in over 3 epochs",
 }
 
 

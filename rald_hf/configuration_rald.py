@@ -62,6 +62,11 @@ class RALDConfig(PreTrainedConfig):
         attention_residual (`bool`, defaults to `True`):
             Add the block input to the attention output. The published equations have no such path
             (``False``); without it an image's ITRR output starts close to the batch mean.
+        zero_init_last (`bool`, defaults to `True`):
+            Start the last linear layer of every attention and feed-forward branch at zero, so that each block
+            starts as the identity (or the layer norm of its input) and the classifier first sees the backbone
+            features unchanged. Needs ``attention_residual``. docs/benchmarks.md gives the measurements behind
+            this default and the residual one.
         norm_first (`bool`, defaults to `False`):
             Pre-norm blocks (normalise before attention and the feed-forward network) instead of the published
             post-norm ``Norm(x + FFN(x))``.
@@ -103,9 +108,9 @@ class RALDConfig(PreTrainedConfig):
             Stop gradients through the target distribution D.
         nnldl_loss (`str`, defaults to `"kl"`):
             ``"kl"`` for KL(D || P) or ``"cross_entropy"`` for H(D, P), the form written in the paper.
-        nnldl_reduction (`str`, defaults to `"batch_mean"`):
-            ``"batch_mean"`` sums over classes and averages over images; ``"paper"`` divides the sum by
-            N * Cf as the published formula does.
+        nnldl_reduction (`str`, defaults to `"paper"`):
+            ``"paper"`` divides the sum over images and classes by N * Cf, as the published formula does;
+            ``"batch_mean"`` sums over classes and averages over images, which weighs NNLDL Cf times more.
         train_relation_mode (`str`, defaults to `"transductive"`):
             What ITRR attends to in training: ``"transductive"`` (the other images of the batch) or
             ``"self"`` (only the image itself, no cross-image attention).
@@ -150,6 +155,7 @@ class RALDConfig(PreTrainedConfig):
     attention_scale: float | None = 0.125
     layer_norm_eps: float = 1e-5
     attention_residual: bool = True
+    zero_init_last: bool = True
     norm_first: bool = False
     use_itrr: bool = True
     use_lgifo: bool = True
@@ -171,7 +177,7 @@ class RALDConfig(PreTrainedConfig):
     nnldl_head_reduction: str = "mean"
     nnldl_detach_target: bool = True
     nnldl_loss: str = "kl"
-    nnldl_reduction: str = "batch_mean"
+    nnldl_reduction: str = "paper"
 
     train_relation_mode: str = "transductive"
     inference_relation_mode: str = "auto"
@@ -282,6 +288,7 @@ class RALDConfig(PreTrainedConfig):
         _check_number("nnldl_weight", self.nnldl_weight, minimum=0.0, inclusive=True)
         for name in (
             "attention_residual",
+            "zero_init_last",
             "norm_first",
             "use_itrr",
             "use_lgifo",
@@ -295,6 +302,11 @@ class RALDConfig(PreTrainedConfig):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
         _check_positive_int("sigma", self.sigma)
+        if self.zero_init_last and not self.attention_residual:
+            raise ValueError(
+                "zero_init_last=True needs attention_residual=True: without the residual path a zero attention "
+                "branch would discard the image features"
+            )
         self._validate_label_space()
 
     def _validate_label_space(self) -> None:

@@ -238,6 +238,10 @@ class RALDLayer(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps) if config.norm_first else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio), act_layer=nn.GELU, drop=config.hidden_dropout_prob)
+        # With zero_init_last, _init_weights starts both branches at zero, so the block starts as the identity.
+        # The mark sits on the Linear layers because transformers skips modules without parameters of their own.
+        for last in (attention.proj, self.mlp.fc2):
+            last._rald_zero_init = config.zero_init_last
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, **kwargs
@@ -546,7 +550,10 @@ class RALDPreTrainedModel(PreTrainedModel):
             return
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, std=std)
+            if getattr(module, "_rald_zero_init", False):
+                init.zeros_(module.weight)
+            else:
+                init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
@@ -958,6 +965,7 @@ _ARCHITECTURE_FIELDS = (
     "mlp_ratio",
     "attention_residual",
     "norm_first",
+    "zero_init_last",
     "use_itrr",
     "use_lgifo",
 )

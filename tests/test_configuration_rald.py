@@ -84,6 +84,11 @@ def test_invalid_field_raises_value_error(field, value, message):
         RALDConfig(**{field: value})
 
 
+def test_zero_init_needs_residual():
+    with pytest.raises(ValueError, match="zero_init_last=True needs attention_residual=True"):
+        RALDConfig(zero_init_last=True, attention_residual=False)
+
+
 def test_validate_catches_fields_set_after_construction(tmp_path):
     config = tiny_config()
     config.num_neighbors = 0

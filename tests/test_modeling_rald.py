@@ -255,3 +255,25 @@ def test_backbone_weights_of_another_architecture(tmp_path):
     save_file(other.state_dict(), str(path))
     with pytest.raises(ValueError, match=r"do not fit the test_efficientnet backbone .*Pass weights saved"):
         _model().load_backbone_weights(str(path))
+
+
+def test_zero_init_blocks_start_as_identity():
+    model = _model(zero_init_last=True, norm_first=True).eval()
+    for layer in (model.rald.itrr, model.rald.lgifo, model.rald.label_encoder.layer):
+        assert layer.attention.proj.weight.abs().max() == 0
+        assert layer.mlp.fc2.weight.abs().max() == 0
+    with torch.no_grad():
+        outputs = model(tiny_images(), output_hidden_states=True)
+    projected, related, guided = outputs.hidden_states
+    # Pre-norm blocks with zero branches pass their input through unchanged.
+    torch.testing.assert_close(related, projected)
+    torch.testing.assert_close(guided, projected)
+
+
+def test_zero_init_survives_save_and_load(tmp_path):
+    model = _model(zero_init_last=True)
+    with torch.no_grad():
+        model.rald.itrr.attention.proj.weight.fill_(0.25)
+    model.save_pretrained(tmp_path)
+    loaded = RALDForImageClassification.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.rald.itrr.attention.proj.weight, model.rald.itrr.attention.proj.weight)

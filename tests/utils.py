@@ -6,7 +6,9 @@ from torch.utils.data import Dataset
 from rald_hf import LabelSpace, RALDConfig
 
 # Odd, distinct sizes expose swapped dimensions: width 30 over 3 heads, images of 35 pixels, batches of 7.
+# The attention branches start random rather than at zero, as in a trained model, so that the tests see them act.
 TINY = dict(
+    zero_init_last=False,
     backbone="test_efficientnet",
     hidden_size=30,
     num_attention_heads=3,
