@@ -51,6 +51,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "zero-init-pre-norm": {"zero_init_last": True, "norm_first": True, "nnldl_reduction": "batch_mean"},
     "zero-init-no-nnldl": {"zero_init_last": True, "nnldl_weight": 0.0},
     "zero-init-nnldl-paper": {"zero_init_last": True, "nnldl_reduction": "paper"},
+    "nnldl-features": {"nnldl_relation": "features"},
+    "nnldl-features-batch-mean": {"nnldl_relation": "features", "nnldl_reduction": "batch_mean"},
     "zero-init-ramp": {
         "zero_init_last": True,
         "nnldl_reduction": "batch_mean",
@@ -92,6 +94,8 @@ DESCRIPTIONS = {
     "zero-init-no-nnldl": "RALD-L, zero_init_last, without NNLDL",
     "zero-init-nnldl-paper": "RALD-L, zero_init_last, NNLDL divided by N*Cf",
     "zero-init-ramp": "as zero-init, NNLDL weight ramped in over 3 epochs",
+    "nnldl-features": "RALD-L, NNLDL neighbours by cosine similarity of backbone features",
+    "nnldl-features-batch-mean": "as nnldl-features, NNLDL averaged over images (7x the weight)",
     "zero-init-paper-ramp": "RALD-L, zero_init_last, NNLDL divided by N*Cf and ramped in over 3 epochs",
 }
 

@@ -26,8 +26,9 @@ Defaults that differ, and why:
   --image-size 112     the paper does not state it; 112 px keeps a ResNet18 epoch of FER2013 CPU-feasible
                        and is recorded in the checkpoint and its image processor.
   cosine learning-rate decay with a short warm-up, where the paper decays the rate every 100 epochs.
-  a residual path around each attention block (the equations have none; without it training collapsed to
-  the majority class in trials); --set attention_residual=false restores the literal form.
+  a residual path around each attention block, whose branches start at zero (the equations have no such
+  path, and the literal form trained far below a linear-head baseline in docs/benchmarks.md);
+  --set attention_residual=false --set zero_init_last=false restores the literal form.
 """
 
 

@@ -16,6 +16,7 @@ RelationMode = Literal["transductive", "reference", "self"]
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "hierarchy_distance_mode": ("path", "edge"),
     "nnldl_weighting": ("softmax", "raw", "uniform"),
+    "nnldl_relation": ("attention", "features"),
     "nnldl_head_reduction": ("mean", "max"),
     "nnldl_loss": ("kl", "cross_entropy"),
     "nnldl_reduction": ("batch_mean", "paper"),
@@ -99,6 +100,9 @@ class RALDConfig(PreTrainedConfig):
             Weight of the NNLDL term added to the cross-entropy by `RALDTrainer`.
         nnldl_include_self (`bool`, defaults to `False`):
             Let an image count among its own neighbours.
+        nnldl_relation (`str`, defaults to `"attention"`):
+            Where neighbours and their weights come from: ``"attention"``, the ITRR scores Rv as published, or
+            ``"features"``, the cosine similarity of the images' backbone features (without gradients).
         nnldl_weighting (`str`, defaults to `"softmax"`):
             Neighbour weights r: ``"softmax"`` (attention probabilities softmax(Rv), renormalised over the
             k neighbours), ``"raw"`` (the scores Rv, clipped at zero) or ``"uniform"``.
@@ -173,6 +177,7 @@ class RALDConfig(PreTrainedConfig):
     num_neighbors: int = 5
     nnldl_weight: float = 1.0
     nnldl_include_self: bool = False
+    nnldl_relation: str = "attention"
     nnldl_weighting: str = "softmax"
     nnldl_head_reduction: str = "mean"
     nnldl_detach_target: bool = True

@@ -24,6 +24,7 @@ class NNLDLOptions:
 
     num_neighbors: int = 5
     include_self: bool = False
+    relation: Literal["attention", "features"] = "attention"
     weighting: Literal["softmax", "raw", "uniform"] = "softmax"
     head_reduction: Literal["mean", "max"] = "mean"
     detach_target: bool = True
@@ -35,6 +36,7 @@ class NNLDLOptions:
         return cls(
             num_neighbors=config.num_neighbors,
             include_self=config.nnldl_include_self,
+            relation=config.nnldl_relation,
             weighting=config.nnldl_weighting,
             head_reduction=config.nnldl_head_reduction,
             detach_target=config.nnldl_detach_target,

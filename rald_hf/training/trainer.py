@@ -162,15 +162,10 @@ class RALDTrainer(Trainer):
         loss = ce_loss
         nnldl = None
         nnldl_weight = self.nnldl_weight()
-        if model.training and nnldl_weight > 0 and outputs.image_relations is not None:
-            relations = outputs.image_relations
+        relations = self._nnldl_relations(model, outputs) if model.training and nnldl_weight > 0 else None
+        if relations is not None:
             candidate_logits, offset = logits, 0
             if relations.shape[-1] != logits.shape[0]:
-                if not self._global_relations(model):
-                    raise ValueError(
-                        f"NNLDL needs the relations among the {logits.shape[0]} batch images, got relations to "
-                        f"{relations.shape[-1]} images; train with relation_mode 'transductive' or 'self'"
-                    )
                 # Global relation scope: the candidates are the images of every process.
                 candidate_logits, offset = gather_across_processes(logits)
             nnldl = nnldl_loss(logits, relations, self.nnldl_options, candidate_logits, offset) / count
@@ -184,6 +179,25 @@ class RALDTrainer(Trainer):
             # DDP averages gradients over processes, but the count already covers every process.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _nnldl_relations(self, model: torch.nn.Module, outputs: Any) -> torch.Tensor | None:
+        """Return the relation scores NNLDL picks neighbours from, (N, H, K), or ``None`` when there are none.
+
+        With ``nnldl_relation="attention"`` these are the ITRR scores (absent without ITRR); with
+        ``"features"`` the cosine similarities of the backbone features, as one head.
+        """
+        global_scope = self._global_relations(model)
+        if self.nnldl_options.relation == "features":
+            features = F.normalize(outputs.backbone_features.detach().float(), dim=-1)  # (N, Dv)
+            candidates = gather_across_processes(features)[0] if global_scope else features  # (K, Dv)
+            return (features @ candidates.T).unsqueeze(1)  # (N, 1, K)
+        relations = outputs.image_relations
+        if relations is not None and relations.shape[-1] != relations.shape[0] and not global_scope:
+            raise ValueError(
+                f"NNLDL needs the relations among the {relations.shape[0]} batch images, got relations to "
+                f"{relations.shape[-1]} images; train with relation_mode 'transductive' or 'self'"
+            )
+        return relations
 
     def _global_relations(self, model: torch.nn.Module) -> bool:
         unwrapped = self.accelerator.unwrap_model(model)

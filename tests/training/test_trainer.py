@@ -157,3 +157,21 @@ def test_balanced_sampler_evens_classes(tmp_path):
 def test_invalid_training_arguments(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         _args(tmp_path, **{field: value})
+
+
+def test_feature_relations_pick_neighbours_without_itrr(tmp_path):
+    model = _model(use_itrr=False, nnldl_relation="features", nnldl_weight=1.0)
+    trainer = RALDTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset())
+    model.train()
+    images = tiny_images(NUM_IMAGES, seed=5)
+    labels = torch.arange(NUM_IMAGES) % 7
+    loss, outputs = trainer.compute_loss(
+        model, {"pixel_values": images, "labels": labels}, return_outputs=True, num_items_in_batch=NUM_IMAGES
+    )
+    assert outputs.image_relations is None
+    features = torch.nn.functional.normalize(outputs.backbone_features.detach(), dim=-1)
+    relations = (features @ features.T).unsqueeze(1)
+    nnldl = nnldl_loss(outputs.logits, relations, NNLDLOptions.from_config(model.config)) / NUM_IMAGES
+    ce = torch.nn.functional.cross_entropy(outputs.logits, labels)
+    torch.testing.assert_close(loss, ce + nnldl)
+    assert nnldl.item() > 0
