@@ -5,8 +5,8 @@ and of the same timm backbone with its own classifier, at batch 1 and 64. Traini
 second of RALD with NNLDL (RALDTrainer.compute_loss) against the backbone with a linear head and
 cross-entropy. Each repeat times both models back to back, alternating which goes first, so that load on
 this shared machine hits both alike; the table gives the median over repeats, the interquartile range and
-the median of the per-repeat ratios. Peak memory (resident set size, or CUDA allocations on a GPU) comes from
-a fresh subprocess per model.
+the median of the per-repeat ratios. Memory (resident set size) comes from a fresh process per model. The
+script measures on the CPU only.
 
 Usage:
     python benchmarks/throughput.py --backbones resnet18 mobilenetv2_100 --write-docs
@@ -15,11 +15,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_section import command_line, machine_description, write_section  # noqa: E402
 
 
-def build_models(backbone: str, image_size: int, bank_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Return RALD (FG-Emotions labels, with a reference bank) and the bare backbone with a 33-way head."""
+def build_rald(backbone: str, image_size: int, bank_size: int) -> RALDForImageClassification:
+    """Return RALD with FG-Emotions labels and a reference bank of ``bank_size`` random features."""
     torch.manual_seed(0)
     space = LabelSpace.from_preset("fg-emotions")
     config = RALDConfig.from_label_space(space, backbone=backbone, image_size=image_size)
     rald = RALDForImageClassification(config)
     features = torch.randn(bank_size, rald.rald.backbone_width)
     rald.rald.set_reference_bank(features, torch.arange(bank_size) % space.num_labels)
-    bare = timm.create_model(backbone, num_classes=space.num_labels)
-    return rald, bare
+    return rald
+
+
+def build_bare(backbone: str) -> torch.nn.Module:
+    """Return the bare timm backbone with a 33-way classifier, the size of FG-Emotions' fine label set."""
+    torch.manual_seed(0)
+    return timm.create_model(backbone, num_classes=33)
 
 
 def time_calls(function: Any, min_seconds: float) -> float:
@@ -71,70 +77,95 @@ def paired_rates(
     return np.array(rates_first), np.array(rates_second)
 
 
-def inference_functions(rald: torch.nn.Module, bare: torch.nn.Module, batch: int, image_size: int):
+def inference_function(model: torch.nn.Module, batch: int, image_size: int) -> Callable[[], None]:
+    """Return a function that classifies one batch of random images without gradients."""
     images = torch.randn(batch, 3, image_size, image_size)
-    rald.eval()
-    bare.eval()
+    model.eval()
 
-    def run_rald() -> None:
+    def run() -> None:
         with torch.inference_mode():
-            rald(images)
+            model(images)
 
-    def run_bare() -> None:
-        with torch.inference_mode():
-            bare(images)
-
-    return run_rald, run_bare
+    return run
 
 
-def training_functions(rald: torch.nn.Module, bare: torch.nn.Module, batch: int, image_size: int, workdir: Path):
+def training_function(model: torch.nn.Module, batch: int, image_size: int, workdir: Path) -> Callable[[], None]:
+    """Return a function that takes one SGD step: RALD through RALDTrainer.compute_loss, anything else with CE."""
     images = torch.randn(batch, 3, image_size, image_size)
     labels = torch.arange(batch) % 33
-    args = RALDTrainingArguments(output_dir=str(workdir), report_to="none", use_cpu=not torch.cuda.is_available())
-    trainer = RALDTrainer(model=rald, args=args)
-    rald_optimizer = torch.optim.SGD(rald.parameters(), lr=1e-4, momentum=0.9)
-    bare_optimizer = torch.optim.SGD(bare.parameters(), lr=1e-4, momentum=0.9)
-    inputs = {"pixel_values": images, "labels": labels}
-    rald.train()
-    bare.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    model.train()
+    if isinstance(model, RALDForImageClassification):
+        args = RALDTrainingArguments(output_dir=str(workdir), report_to="none", use_cpu=True)
+        trainer = RALDTrainer(model=model, args=args)
+        inputs = {"pixel_values": images, "labels": labels}
 
-    def step_rald() -> None:
-        loss = trainer.compute_loss(rald, inputs, num_items_in_batch=batch)
-        loss.backward()
-        rald_optimizer.step()
-        rald_optimizer.zero_grad(set_to_none=True)
+        def loss() -> torch.Tensor:
+            return trainer.compute_loss(model, inputs, num_items_in_batch=batch)
+    else:
 
-    def step_bare() -> None:
-        loss = F.cross_entropy(bare(images), labels)
-        loss.backward()
-        bare_optimizer.step()
-        bare_optimizer.zero_grad(set_to_none=True)
+        def loss() -> torch.Tensor:
+            return F.cross_entropy(model(images), labels)
 
-    return step_rald, step_bare
+    def step() -> None:
+        loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def resident_mib(field: str) -> float:
+    """Read one memory field of this process (``VmRSS`` now, ``VmHWM`` peak) from /proc, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def memory_probe(model_kind: str, backbone: str, image_size: int, batch: int, bank_size: int, workdir: str) -> None:
-    """Run one inference batch and one training step of one model; print its peak memory in MiB as JSON."""
-    rald, bare = build_models(backbone, image_size, bank_size)
-    if model_kind == "rald":
-        train_step, _ = training_functions(rald, bare, batch, image_size, Path(workdir))
-        infer, _ = inference_functions(rald, bare, batch, image_size)
-    else:
-        _, train_step = training_functions(rald, bare, batch, image_size, Path(workdir))
-        _, infer = inference_functions(rald, bare, batch, image_size)
+    """Run one inference batch and one training step of one model; print its memory in MiB as JSON.
+
+    Only the measured model is built. Writing 5 to /proc/self/clear_refs resets the peak resident set size
+    (Linux 4.0 and later), so the peak covers the inference batch and the training step, not the imports.
+    The tensors autograd keeps for the backward pass are counted exactly through saved-tensor hooks (each
+    storage once, parameters excluded); the resident set size also contains allocator slack and varies by run.
+    """
+    model = build_rald(backbone, image_size, bank_size) if model_kind == "rald" else build_bare(backbone)
+    infer = inference_function(model, batch, image_size)
+    train_step = training_function(model, batch, image_size, Path(workdir))
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = resident_mib("VmRSS")
     infer()
-    train_step()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": peak_kib / 1024}))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        train_step()
+    result = {
+        "parameters_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        "saved_for_backward_mib": sum(saved.values()) / 2**20,
+        "before_mib": before,
+        "peak_mib": resident_mib("VmHWM"),
+    }
+    print(json.dumps(result))
 
 
-def peak_memory(model_kind: str, args: argparse.Namespace, backbone: str) -> float:
+def peak_memory(model_kind: str, args: argparse.Namespace, backbone: str) -> dict[str, float]:
+    """Run :func:`memory_probe` in a fresh process and return its measurements."""
     command = [
         sys.executable, __file__, "--memory-probe", model_kind, "--backbones", backbone,
         "--image-size", str(args.image_size), "--bank-size", str(args.bank_size),
     ]  # fmt: skip
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])["peak_mib"]
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def describe(rates: np.ndarray) -> str:
@@ -164,13 +195,17 @@ def main() -> None:
 
     rows = []
     for backbone in args.backbones:
-        rald, bare = build_models(backbone, args.image_size, args.bank_size)
+        rald, bare = build_rald(backbone, args.image_size, args.bank_size), build_bare(backbone)
         for batch in args.batch_sizes:
-            first, second = inference_functions(rald, bare, batch, args.image_size)
+            first, second = (
+                inference_function(rald, batch, args.image_size),
+                inference_function(bare, batch, args.image_size),
+            )
             rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, batch)
             rows.append((backbone, f"inference, batch {batch}", "images/s", rald_rates, bare_rates))
             print(rows[-1][:2], np.median(rald_rates / bare_rates), flush=True)
-        first, second = training_functions(rald, bare, args.train_batch_size, args.image_size, workdir)
+        first = training_function(rald, args.train_batch_size, args.image_size, workdir)
+        second = training_function(bare, args.train_batch_size, args.image_size, workdir)
         rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, args.train_batch_size)
         rows.append((backbone, f"training step, batch {args.train_batch_size}", "images/s", rald_rates, bare_rates))
         print(rows[-1][:2], np.median(rald_rates / bare_rates), flush=True)
@@ -193,14 +228,22 @@ def main() -> None:
         )
     lines += [
         "",
-        f"Peak memory of one training step and one inference batch at batch {args.train_batch_size} "
-        "(resident set size of a fresh process, MiB):",
+        f"Memory of one inference batch and one training step at batch {args.train_batch_size}, each model alone "
+        "in a fresh process, in MiB: parameters; tensors saved for the backward pass (exact, through autograd's "
+        "saved-tensor hooks); resident set size after building the model and at the peak of the two calls "
+        "(includes the allocator's slack, so it varies by tens of MiB between runs):",
         "",
-        "| backbone | RALD | backbone alone | difference |",
-        "| --- | --- | --- | --- |",
+        "| backbone | model | parameters | saved for backward | resident before | resident peak |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for backbone, (rald_mib, bare_mib) in memory.items():
-        lines.append(f"| {backbone} | {rald_mib:.0f} | {bare_mib:.0f} | {rald_mib - bare_mib:+.0f} |")
+    for backbone, pair in memory.items():
+        for name, measured in zip(("RALD", "backbone alone"), pair, strict=True):
+            lines.append(
+                f"| {backbone} | {name} | {measured['parameters_mib']:.1f} | {measured['saved_for_backward_mib']:.1f} "
+                f"| {measured['before_mib']:.0f} | {measured['peak_mib']:.0f} |"
+            )
+        ratio = pair[0]["saved_for_backward_mib"] / pair[1]["saved_for_backward_mib"]
+        lines.append(f"| {backbone} | ratio RALD / backbone | | {ratio:.3f} | | |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.write_docs:

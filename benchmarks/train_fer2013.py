@@ -89,7 +89,7 @@ DESCRIPTIONS = {
     "nnldl-self": "RALD-L, an image counts among its own neighbours",
     "nnldl-k10": "RALD-L, k = 10 neighbours",
     "first-defaults": "RALD-L with random-initialised attention branches and NNLDL averaged over images",
-    "zero-init": "RALD-L, each block starts as the identity (zero_init_last), NNLDL averaged over images",
+    "zero-init": "RALD-L, attention branches start at zero (zero_init_last), NNLDL averaged over images",
     "zero-init-pre-norm": "as zero-init, with pre-norm blocks",
     "zero-init-no-nnldl": "RALD-L, zero_init_last, without NNLDL",
     "zero-init-nnldl-paper": "RALD-L, zero_init_last, NNLDL divided by N*Cf",
@@ -151,6 +151,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         "variant": variant,
         "seed": seed,
         "tag": args.tag,
+        "validation_accuracy": best_validation_accuracy(output_dir),
         "test_accuracy": transductive["accuracy"],
         "test_macro_f1": transductive["macro_f1"],
         "test_accuracy_default_mode": result.metrics["accuracy"],
@@ -169,7 +170,15 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
-def summarize(records: list[dict[str, Any]], tag: str) -> str:
+def best_validation_accuracy(output_dir: Path) -> float | None:
+    """Read the best per-epoch validation accuracy of a run from the Trainer state of its last checkpoint."""
+    states = sorted(output_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not states:
+        return None
+    return json.loads(states[-1].read_text()).get("best_metric")
+
+
+def summarize(records: list[dict[str, Any]], tag: str, runs_dir: Path) -> str:
     """Build the Markdown table of one benchmark tag: mean and spread per variant, paired differences."""
     rows = [r for r in records if r["tag"] == tag]
     by_variant: dict[str, dict[int, dict[str, Any]]] = {}
@@ -178,8 +187,8 @@ def summarize(records: list[dict[str, Any]], tag: str) -> str:
     baseline = {seed: 100 * r["test_accuracy"] for seed, r in by_variant.get("baseline", {}).items()}
     lines = [
         "| variant | PrivateTest accuracy, transductive batches of 128, mean ± std (%) | per seed "
-        "| paired difference to baseline (points) | with the reference bank (%) |",
-        "| --- | --- | --- | --- | --- |",
+        "| paired difference to baseline (points) | with the reference bank (%) | best validation accuracy (%) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for variant in VARIANTS:
         if variant not in by_variant:
@@ -200,8 +209,17 @@ def summarize(records: list[dict[str, Any]], tag: str) -> str:
             100 * runs[s]["test_accuracy_default_mode"] for s in seeds if runs[s].get("default_mode") == "reference"
         ]
         reference_text = f"{np.mean(reference):.2f}" if reference else "n/a (no ITRR)"
+        # Records written before the validation score was stored take it from the run folder.
+        validation = [
+            runs[s].get("validation_accuracy") or best_validation_accuracy(runs_dir / f"{tag}-{variant}-seed{s}")
+            for s in seeds
+        ]
+        known = [100 * v for v in validation if v is not None]
+        validation_text = f"{np.mean(known):.2f}" if known else "n/a"
         name = f"{variant}: {DESCRIPTIONS[variant]}"
-        lines.append(f"| {name} | {values.mean():.2f}{std} | {per_seed} | {paired} | {reference_text} |")
+        lines.append(
+            f"| {name} | {values.mean():.2f}{std} | {per_seed} | {paired} | {reference_text} | {validation_text} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -249,7 +267,7 @@ def main() -> None:
                 handle.write(json.dumps(record) + "\n")
             print(f"   accuracy {100 * record['test_accuracy']:.2f} %, {record['train_seconds']:.0f} s", flush=True)
 
-    table = summarize(records, args.tag)
+    table = summarize(records, args.tag, Path(args.runs_dir))
     print(table)
     if args.write_docs:
         seconds = [r["train_seconds"] for r in records if r["tag"] == args.tag]

@@ -238,7 +238,8 @@ class RALDLayer(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps) if config.norm_first else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio), act_layer=nn.GELU, drop=config.hidden_dropout_prob)
-        # With zero_init_last, _init_weights starts both branches at zero, so the block starts as the identity.
+        # With zero_init_last, _init_weights starts both branches at zero, so the block starts as the identity
+        # (post-norm blocks: as the layer norm of their input).
         # The mark sits on the Linear layers because transformers skips modules without parameters of their own.
         for last in (attention.proj, self.mlp.fc2):
             last._rald_zero_init = config.zero_init_last
