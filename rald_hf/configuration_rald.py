@@ -14,6 +14,7 @@ __all__ = ["RALDConfig"]
 RelationMode = Literal["transductive", "reference", "self"]
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
+    "feature_norm": ("none", "batch_norm"),
     "hierarchy_distance_mode": ("path", "edge"),
     "nnldl_weighting": ("softmax", "raw", "uniform"),
     "nnldl_relation": ("attention", "features"),
@@ -68,6 +69,11 @@ class RALDConfig(PreTrainedConfig):
             starts as the identity (or the layer norm of its input) and the classifier first sees the backbone
             features unchanged. Needs ``attention_residual``. docs/benchmarks.md gives the measurements behind
             this default and the residual one.
+        feature_norm (`str`, defaults to `"none"`):
+            Normalisation of the backbone features before the projection to the block width. ``"batch_norm"``
+            standardises each channel (BatchNorm1d: batch statistics in training, running statistics in eval
+            mode, so inference stays batch-independent). It removes the component that all images share, which
+            otherwise dominates the layer norms of the blocks when the backbone is trained from scratch.
         norm_first (`bool`, defaults to `False`):
             Pre-norm blocks (normalise before attention and the feed-forward network) instead of the published
             post-norm ``Norm(x + FFN(x))``.
@@ -160,6 +166,7 @@ class RALDConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     attention_residual: bool = True
     zero_init_last: bool = True
+    feature_norm: str = "none"
     norm_first: bool = False
     use_itrr: bool = True
     use_lgifo: bool = True

@@ -4,6 +4,8 @@ This file is copied into every saved checkpoint for ``trust_remote_code`` loadin
 torch, timm, transformers, numpy and Pillow.
 """
 
+import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,11 @@ def to_rgb_image(image: Any, background: tuple[int, int, int] = (255, 255, 255))
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
+    if isinstance(image, str | os.PathLike):
+        raise TypeError(
+            f"Expected a PIL image, NumPy array or tensor, got the path {str(image)!r}; "
+            "open it with PIL.Image.open first"
+        )
     if not isinstance(image, Image.Image):
         raise TypeError(f"Expected a PIL image, NumPy array or tensor, got {type(image).__name__}")
 
@@ -149,7 +156,7 @@ class RALDImageProcessor(BaseImageProcessor):
         """Turn one image or a list of images into ``pixel_values`` of shape (N, 3, image_size, image_size).
 
         Args:
-            images: A PIL image, NumPy array or tensor, or a list of them.
+            images: A PIL image, NumPy array or tensor, or a list or other iterable of them.
             return_tensors: Only ``"pt"`` (PyTorch) is supported.
         """
         if return_tensors not in ("pt", None):
@@ -158,7 +165,11 @@ class RALDImageProcessor(BaseImageProcessor):
             images = list(images)
         elif isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
-        elif not isinstance(images, list | tuple):
+        elif isinstance(images, Image.Image | np.ndarray | torch.Tensor | str | bytes):
+            images = [images]
+        elif isinstance(images, Iterable):
+            images = list(images)  # for example a column of a `datasets` split, or a generator
+        else:
             images = [images]
         if not images:
             raise ValueError("No images to process")

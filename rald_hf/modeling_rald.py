@@ -557,9 +557,13 @@ class RALDPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm1d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
         elif isinstance(module, LabelEncoder):
             init.copy_(module.label_embeddings, torch.tensor(self.config.label_embeddings))
             buckets, _ = hierarchy_buckets(self.config.hierarchy_distances, self.config.sigma)
@@ -596,6 +600,7 @@ class RALDModel(RALDPreTrainedModel):
                 f"num_attention_heads={config.num_attention_heads}"
             )
         scale = config.attention_scale or (dim // config.num_attention_heads) ** -0.5
+        self.feature_norm = nn.BatchNorm1d(backbone_width) if config.feature_norm == "batch_norm" else None
         self.image_proj = nn.Linear(backbone_width, dim) if config.hidden_size else nn.Identity()
         self.backbone_width = backbone_width
         self.width = dim
@@ -777,7 +782,8 @@ class RALDModel(RALDPreTrainedModel):
         bank = None
         if with_bank:
             self._check_bank_fingerprint()
-            bank = self.itrr.project_context(self.image_proj(self.reference_features))  # 2 x (H, M, Dh)
+            bank_tokens = self.embed_features(self.reference_features, use_running_stats=True)  # (M, D)
+            bank = self.itrr.project_context(bank_tokens)  # 2 x (H, M, Dh)
         return InferenceConstants(label_tokens=label_tokens, label_keys=label_keys, bank=bank)
 
     def _check_bank_fingerprint(self) -> None:
@@ -859,7 +865,7 @@ class RALDModel(RALDPreTrainedModel):
         mode = self.resolve_relation_mode(relation_mode)
 
         backbone_features = self.extract_backbone_features(pixel_values)  # (N, Dv)
-        image_tokens = self.image_proj(backbone_features)  # (N, D)
+        image_tokens = self.embed_features(backbone_features)  # (N, D)
 
         constants = self.inference_constants(with_bank=mode == "reference")
         relations = None
@@ -888,6 +894,22 @@ class RALDModel(RALDPreTrainedModel):
             hidden_states=hidden_states,
         )
         return output if return_dict else output.to_tuple()
+
+    def embed_features(self, features: torch.Tensor, use_running_stats: bool = False) -> torch.Tensor:
+        """Normalise backbone features (N, Dv) as ``config.feature_norm`` selects and project them to tokens (N, D).
+
+        ``use_running_stats`` (or a training batch of one image, whose batch statistics are undefined) applies
+        the batch norm with its running statistics and leaves them unchanged.
+        """
+        norm = self.feature_norm
+        if norm is not None:
+            if norm.training and not use_running_stats and len(features) > 1:
+                features = norm(features)
+            else:
+                features = F.batch_norm(
+                    features, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
+                )
+        return self.image_proj(features)
 
     def extract_backbone_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Run the timm backbone and its pooling: images (N, 3, H, W) -> features (N, Dv)."""
@@ -965,6 +987,7 @@ _ARCHITECTURE_FIELDS = (
     "num_attention_heads",
     "mlp_ratio",
     "attention_residual",
+    "feature_norm",
     "norm_first",
     "zero_init_last",
     "use_itrr",

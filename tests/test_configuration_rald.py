@@ -27,7 +27,9 @@ def test_no_tree_defaults_to_rald_l():
 
 
 def test_json_round_trip_is_exact(tmp_path):
-    config = tiny_config(nnldl_weighting="raw", norm_first=True, backbone_kwargs={"drop_rate": 0.25})
+    config = tiny_config(
+        nnldl_weighting="raw", norm_first=True, feature_norm="batch_norm", backbone_kwargs={"drop_rate": 0.25}
+    )
     config.save_pretrained(tmp_path)
     loaded = RALDConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
@@ -70,6 +72,11 @@ def test_bare_config_has_no_labels():
         ("nnldl_head_reduction", "sum", "nnldl_head_reduction='sum' is not supported"),
         ("nnldl_loss", "mse", "nnldl_loss='mse' is not supported"),
         ("nnldl_reduction", "sum", "nnldl_reduction='sum' is not supported"),
+        (
+            "feature_norm",
+            "layer_norm",
+            r"feature_norm='layer_norm' is not supported; choose one of \['none', 'batch_norm'\]",
+        ),
         ("train_relation_mode", "reference", "train_relation_mode='reference' is not supported"),
         ("inference_relation_mode", "batch", "inference_relation_mode='batch' is not supported"),
         ("relation_scope", "world", "relation_scope='world' is not supported"),

@@ -3,6 +3,8 @@ import io
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
+from datasets import Image as DatasetImage
 from PIL import Image
 from transformers import AutoImageProcessor
 
@@ -93,8 +95,10 @@ def test_bad_arrays_raise(value, message):
 
 
 def test_non_image_raises():
-    with pytest.raises(TypeError, match="got str"):
+    with pytest.raises(TypeError, match="got the path 'face.png'; open it with PIL.Image.open"):
         to_rgb_image("face.png")
+    with pytest.raises(TypeError, match="got int"):
+        to_rgb_image(3)
 
 
 def test_processor_output_and_normalization():
@@ -103,6 +107,21 @@ def test_processor_output_and_normalization():
     assert pixel_values.shape == (2, 3, 19, 19)
     torch.testing.assert_close(pixel_values[0], torch.full((3, 19, 19), 2.0))
     torch.testing.assert_close(pixel_values[1], torch.full((3, 19, 19), -2.0))
+
+
+def test_processor_accepts_dataset_column():
+    dataset = Dataset.from_dict({"image": [Image.new("L", (9, 9), 255), Image.new("L", (9, 9), 0)]})
+    dataset = dataset.cast_column("image", DatasetImage())
+    processor = RALDImageProcessor(image_size=11, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    pixel_values = processor(dataset["image"])["pixel_values"]
+    assert pixel_values.shape == (2, 3, 11, 11)
+    torch.testing.assert_close(pixel_values[0], torch.ones(3, 11, 11))
+    torch.testing.assert_close(pixel_values[1], -torch.ones(3, 11, 11))
+
+
+def test_processor_path_string_raises():
+    with pytest.raises(TypeError, match="got the path 'face.png'"):
+        RALDImageProcessor(image_size=11)("face.png")
 
 
 def test_processor_round_trip_and_auto_class(tmp_path):

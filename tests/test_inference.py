@@ -22,8 +22,9 @@ def _model_with_bank(bank_size: int = 13, **overrides) -> RALDForImageClassifica
     return model.eval()
 
 
-def test_reference_logits_do_not_depend_on_batch():
-    model = _model_with_bank()
+@pytest.mark.parametrize("feature_norm", ["none", "batch_norm"])
+def test_reference_logits_do_not_depend_on_batch(feature_norm):
+    model = _model_with_bank(feature_norm=feature_norm)
     images = tiny_images(64, seed=3)
     order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
