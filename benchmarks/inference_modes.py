@@ -6,10 +6,6 @@ batches of 128 (the published protocol); transductive mode with the split's stor
 shows how batch attention leaks labels; transductive mode with batches of one image; and self mode (no
 cross-image attention). Baseline checkpoints, scored once, give the reference point without ITRR.
 
-A second table shows how much the attention blocks change the image tokens: for 512 test images in shuffled
-transductive batches of 128, the mean of |ITRR output - image token| / |image token| and of
-|LGIFO output - ITRR output| / |ITRR output|. Values near zero mean the trained model barely uses the block.
-
 Usage:
     python benchmarks/inference_modes.py --checkpoints runs/benchmarks/mnv2-64-rald-l-seed* \\
         --baselines runs/benchmarks/mnv2-64-baseline-seed* --write-docs
@@ -25,12 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from rald_hf import RALDImageProcessor
 from rald_hf.training import evaluate_checkpoint, load_image_dataset
-from rald_hf.training.data import find_columns
-from rald_hf.training.run import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_section import command_line, machine_description, write_section  # noqa: E402
@@ -52,24 +44,6 @@ def score(checkpoint: Path, dataset: Any, mode: str | None, batch_size: int, shu
     return 100 * metrics["accuracy"]
 
 
-def relative_updates(checkpoint: Path, dataset: Any, images: int = 512, batch_size: int = 128) -> dict[str, float]:
-    """Measure the mean relative change that ITRR and LGIFO make to the image tokens in transductive batches."""
-    model = load_checkpoint(checkpoint).eval()
-    processor = RALDImageProcessor.from_pretrained(str(checkpoint))
-    split = dataset["test"].shuffle(seed=0).select(range(images))
-    image_column, _ = find_columns(split)
-    itrr, lgifo = [], []
-    for start in range(0, images, batch_size):
-        pixels = processor(split[start : start + batch_size][image_column])["pixel_values"]
-        with torch.inference_mode():
-            tokens, related, guided = model.rald(
-                pixels, relation_mode="transductive", output_hidden_states=True
-            ).hidden_states
-        itrr.append((related - tokens).norm(dim=-1) / tokens.norm(dim=-1))
-        lgifo.append((guided - related).norm(dim=-1) / related.norm(dim=-1))
-    return {"ITRR": torch.cat(itrr).mean().item(), "LGIFO": torch.cat(lgifo).mean().item()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", required=True, help="RALD checkpoints with a reference bank")
@@ -89,10 +63,8 @@ def main() -> None:
         }
         print(checkpoint.name, results[checkpoint.name], flush=True)
     baselines = {Path(path).name: score(Path(path), dataset, None, 128, True) for path in args.baselines}
-    updates = {checkpoint.name: relative_updates(checkpoint, dataset) for checkpoint in map(Path, args.checkpoints)}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    record = {"rald": results, "baselines": baselines, "relative_updates": updates}
-    Path(args.results).write_text(json.dumps(record, indent=2) + "\n")
+    Path(args.results).write_text(json.dumps({"rald": results, "baselines": baselines}, indent=2) + "\n")
 
     reference = np.array([r["reference bank"] for r in results.values()])
     lines = [
@@ -110,12 +82,6 @@ def main() -> None:
         values = np.array(list(baselines.values()))
         per = ", ".join(f"{v:.2f}" for v in values)
         lines.append(f"| baseline (no ITRR) | {values.mean():.2f} | {per} | {values.mean() - reference.mean():+.2f} |")
-    lines += [
-        "",
-        "| checkpoint | ITRR: mean of abs(change) / abs(input) | LGIFO: mean of abs(change) / abs(input) |",
-        "| --- | --- | --- |",
-    ]
-    lines += [f"| `{name}` | {u['ITRR']:.3f} | {u['LGIFO']:.3f} |" for name, u in updates.items()]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.write_docs:
