@@ -245,6 +245,9 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "benchmarks"))
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "train_fer2013.jsonl"))
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    parser.add_argument(
+        "--no-train", action="store_true", help="train nothing; summarise the runs of --tag already in --results"
+    )
     args = parser.parse_args()
     if not os.environ.get("RALD_DATA_DIR"):
         sys.exit("Set RALD_DATA_DIR to the folder that contains fer2013/ and weights/")
@@ -260,7 +263,7 @@ def main() -> None:
         done = {(r["tag"], r["variant"], r["seed"]) for r in records}
     for seed in args.seeds:
         for variant in args.variants:
-            if (args.tag, variant, seed) in done:
+            if (args.tag, variant, seed) in done or args.no_train:
                 continue
             print(f"== {args.tag} {variant} seed {seed}", flush=True)
             record = run_one(variant, seed, args)
@@ -272,17 +275,34 @@ def main() -> None:
     table = summarize(records, args.tag, Path(args.runs_dir))
     print(table)
     if args.write_docs:
-        seconds = [r["train_seconds"] for r in records if r["tag"] == args.tag]
-        body = (
-            f"Command: `{command_line()}`\n\n"
-            f"Machine: {machine_description()}.\n\n"
-            f"Budget per run: {args.epochs:g} epochs of {args.train_size or 'all'} training images at "
-            f"{args.image_size} px, batch {args.batch_size}, SGD (momentum 0.9) at {args.learning_rate:g} with cosine "
-            f"decay, {args.augmentation} augmentation; "
-            f"{'ImageNet-pretrained' if args.pretrained else 'randomly initialised'} {args.backbone}; "
-            f"training took {np.median(seconds):.0f} s per run (median of {len(seconds)}).\n\n" + table
-        )
-        print(f"Wrote {write_section(f'train_fer2013 {args.tag}', body)}")
+        print(f"Wrote {write_section(f'train_fer2013 {args.tag}', docs_body(records, args.tag, table))}")
+
+
+def docs_body(records: list[dict[str, Any]], tag: str, table: str) -> str:
+    """Describe the runs of one tag (the command that trains them, machine, budget) above their table."""
+    rows = [r for r in records if r["tag"] == tag]
+    settings = rows[0]["settings"]
+    seeds = " ".join(str(seed) for seed in sorted({r["seed"] for r in rows}))
+    variants = " ".join(variant for variant in VARIANTS if any(r["variant"] == variant for r in rows))
+    train_command = (
+        f"python benchmarks/train_fer2013.py --tag {tag} --backbone {settings['backbone']}"
+        f"{'' if settings['pretrained'] else ' --no-pretrained'} --image-size {settings['image_size']} "
+        f"--epochs {settings['epochs']:g} --train-size {settings['train_size'] or 0} "
+        f"--batch-size {settings['batch_size']} --learning-rate {settings['learning_rate']:g} "
+        f"--augmentation {settings['augmentation']} --seeds {seeds} --variants {variants}"
+    )
+    seconds = [r["train_seconds"] for r in rows]
+    return (
+        f"Training command (the table lists which seed of each variant ran): `{train_command}`\n\n"
+        f"Table written by: `{command_line()}`\n\n"
+        f"Machine: {machine_description()}.\n\n"
+        f"Budget per run: {settings['epochs']:g} epochs of {settings['train_size'] or 'all'} training images at "
+        f"{settings['image_size']} px, batch {settings['batch_size']}, SGD (momentum 0.9) at "
+        f"{settings['learning_rate']:g} with cosine decay, {settings['augmentation']} augmentation; "
+        f"{'ImageNet-pretrained' if settings['pretrained'] else 'randomly initialised'} {settings['backbone']}; "
+        f"training took {np.median(seconds):.0f} s per run (median of {len(seconds)}, wall time with other runs "
+        "sharing the machine).\n\n" + table
+    )
 
 
 if __name__ == "__main__":
