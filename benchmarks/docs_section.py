@@ -40,6 +40,11 @@ def command_line() -> str:
     return " ".join(["python", str(script), *map(shlex.quote, sys.argv[1:])])
 
 
+def provenance(label: str = "Command") -> str:
+    """Return the Markdown lines that name the running command and this machine, for the top of a section."""
+    return f"{label}: `{command_line()}`\n\nMachine: {machine_description()}.\n\n"
+
+
 def write_section(name: str, body: str) -> Path:
     """Replace (or append) the section ``name`` of docs/benchmarks.md with ``body``."""
     start, end = f"<!-- {name}: start -->", f"<!-- {name}: end -->"

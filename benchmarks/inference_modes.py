@@ -25,7 +25,7 @@ import numpy as np
 from rald_hf.training import evaluate_checkpoint, load_image_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import command_line, machine_description, write_section  # noqa: E402
+from docs_section import provenance, write_section  # noqa: E402
 
 # name: (relation mode, batch size, shuffled order)
 PROTOCOLS: dict[str, tuple[str, int, bool]] = {
@@ -87,8 +87,8 @@ def main() -> None:
     if args.write_docs:
         checkpoints = ", ".join(f"`{name}`" for name in results)
         body = (
-            f"Command: `{command_line()}`\n\nMachine: {machine_description()}.\n\n"
-            f"Checkpoints: {checkpoints} (each with its reference bank of training features); the test split is "
+            provenance()
+            + f"Checkpoints: {checkpoints} (each with its reference bank of training features); the test split is "
             "test.parquet (PrivateTest, 3,589 images), shuffled with seed 0 where shuffled.\n\n" + table
         )
         print(f"Wrote {write_section('inference_modes', body)}")

@@ -33,7 +33,7 @@ from rald_hf import LabelSpace, RALDConfig, RALDForImageClassification
 from rald_hf.training import RALDTrainer, RALDTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import command_line, machine_description, write_section  # noqa: E402
+from docs_section import provenance, write_section  # noqa: E402
 
 
 def build_rald(backbone: str, image_size: int, bank_size: int) -> RALDForImageClassification:
@@ -128,8 +128,9 @@ def memory_probe(model_kind: str, backbone: str, image_size: int, batch: int, ba
 
     Only the measured model is built. Writing 5 to /proc/self/clear_refs resets the peak resident set size
     (Linux 4.0 and later), so the peak covers the inference batch and the training step, not the imports.
-    The tensors autograd keeps for the backward pass are counted exactly through saved-tensor hooks (each
-    storage once, parameters excluded); the resident set size also contains allocator slack and varies by run.
+    The tensors autograd keeps for the backward pass are counted exactly through saved-tensor hooks, each
+    storage once and parameters excluded. The resident set size also contains allocator slack, so it varies
+    between runs.
     """
     model = build_rald(backbone, image_size, bank_size) if model_kind == "rald" else build_bare(backbone)
     infer = inference_function(model, batch, image_size)
@@ -197,10 +198,8 @@ def main() -> None:
     for backbone in args.backbones:
         rald, bare = build_rald(backbone, args.image_size, args.bank_size), build_bare(backbone)
         for batch in args.batch_sizes:
-            first, second = (
-                inference_function(rald, batch, args.image_size),
-                inference_function(bare, batch, args.image_size),
-            )
+            first = inference_function(rald, batch, args.image_size)
+            second = inference_function(bare, batch, args.image_size)
             rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, batch)
             rows.append((backbone, f"inference, batch {batch}", "images/s", rald_rates, bare_rates))
             print(rows[-1][:2], np.median(rald_rates / bare_rates), flush=True)
@@ -248,8 +247,8 @@ def main() -> None:
     print(table)
     if args.write_docs:
         body = (
-            f"Command: `{command_line()}`\n\nMachine: {machine_description()}.\n\n"
-            f"{args.image_size} px images, FG-Emotions labels (41 label nodes), reference bank of {args.bank_size} "
+            provenance()
+            + f"{args.image_size} px images, FG-Emotions labels (41 label nodes), reference bank of {args.bank_size} "
             f"images, {args.repeats} paired repeats of at least {args.min_seconds} s per model.\n\n" + table
         )
         print(f"Wrote {write_section('throughput', body)}")

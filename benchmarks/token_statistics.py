@@ -1,6 +1,6 @@
-"""What the attention blocks of trained RALD checkpoints do to the image tokens, on FER2013 validation images.
+"""Statistics of the image tokens of trained RALD checkpoints and of the change each attention block makes.
 
-For each checkpoint, on 512 shuffled validation images in transductive batches of 128:
+For each checkpoint, on 512 shuffled FER2013 validation images in transductive batches of 128:
 - outlier channels: the mean absolute value of the two largest channels of the image tokens (the projected
   backbone features that enter ITRR), divided by that of the median channel;
 - image-specific share: the mean distance of each image's final token from the batch mean token, divided by
@@ -29,7 +29,7 @@ from rald_hf.training.data import find_columns
 from rald_hf.training.run import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import command_line, machine_description, write_section  # noqa: E402
+from docs_section import provenance, write_section  # noqa: E402
 
 
 def token_statistics(checkpoint: Path, split: Dataset, images: int = 512, batch_size: int = 128) -> dict[str, float]:
@@ -88,8 +88,8 @@ def main() -> None:
     print(table)
     if args.write_docs:
         body = (
-            f"Command: `{command_line()}`\n\nMachine: {machine_description()}.\n\n"
-            f"{args.images} validation images (validation.parquet, shuffled with seed 0), transductive batches of "
+            provenance()
+            + f"{args.images} validation images (validation.parquet, shuffled with seed 0), transductive batches of "
             "128. See the script's docstring for the definition of each column.\n\n" + table
         )
         print(f"Wrote {write_section('token_statistics', body)}")

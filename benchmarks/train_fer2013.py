@@ -24,7 +24,7 @@ import numpy as np
 from rald_hf.training import evaluate_checkpoint, train_rald
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import command_line, machine_description, write_section  # noqa: E402
+from docs_section import provenance, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,9 +294,8 @@ def docs_body(records: list[dict[str, Any]], tag: str, table: str) -> str:
     seconds = [r["train_seconds"] for r in rows]
     return (
         f"Training command (the table lists which seed of each variant ran): `{train_command}`\n\n"
-        f"Table written by: `{command_line()}`\n\n"
-        f"Machine: {machine_description()}.\n\n"
-        f"Budget per run: {settings['epochs']:g} epochs of {settings['train_size'] or 'all'} training images at "
+        + provenance("Table written by")
+        + f"Budget per run: {settings['epochs']:g} epochs of {settings['train_size'] or 'all'} training images at "
         f"{settings['image_size']} px, batch {settings['batch_size']}, SGD (momentum 0.9) at "
         f"{settings['learning_rate']:g} with cosine decay, {settings['augmentation']} augmentation; "
         f"{'ImageNet-pretrained' if settings['pretrained'] else 'randomly initialised'} {settings['backbone']}; "
