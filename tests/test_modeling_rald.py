@@ -313,7 +313,8 @@ def test_feature_norm_single_image_uses_running_stats():
         single = model(tiny_images(1)).logits
     assert torch.isfinite(single).all()
     torch.testing.assert_close(norm.running_mean, running_mean, rtol=0, atol=0)
-    assert norm.num_batches_tracked.item() == tracked == 1
+    assert tracked == 1
+    assert norm.num_batches_tracked.item() == tracked
 
 
 def test_feature_norm_is_kept_for_new_labels():

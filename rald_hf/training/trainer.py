@@ -183,8 +183,8 @@ class RALDTrainer(Trainer):
     def _nnldl_relations(self, model: torch.nn.Module, outputs: Any) -> torch.Tensor | None:
         """Return the relation scores NNLDL picks neighbours from, (N, H, K), or ``None`` when there are none.
 
-        With ``nnldl_relation="attention"`` these are the ITRR scores (absent without ITRR); with
-        ``"features"`` the cosine similarities of the backbone features, as one head.
+        With ``nnldl_relation="attention"`` these are the ITRR scores, which are absent without ITRR. With
+        ``"features"`` they are the cosine similarities of the backbone features, as one head.
         """
         global_scope = self._global_relations(model)
         if self.nnldl_options.relation == "features":
