@@ -6,10 +6,12 @@ second of RALD with NNLDL (RALDTrainer.compute_loss) against the backbone with a
 cross-entropy. Each repeat times both models back to back, alternating which goes first, so that load on
 this shared machine hits both alike; the table gives the median over repeats, the interquartile range and
 the median of the per-repeat ratios. Memory (resident set size) comes from a fresh process per model. The
-script measures on the CPU only.
+script measures on the CPU only. With --head-sweep it instead times batch 1 for several head sizes and
+image sizes of one backbone, to show where the cost of the head comes from.
 
 Usage:
     python benchmarks/throughput.py --backbones resnet18 mobilenetv2_100 --write-docs
+    python benchmarks/throughput.py --head-sweep --repeats 9 --write-docs
 """
 
 from __future__ import annotations
@@ -35,12 +37,28 @@ from rald_hf.training import RALDTrainer, RALDTrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_section import provenance, write_section  # noqa: E402
 
+# Head configurations of the sweep: a name, RALDConfig overrides, and the image size.
+HEAD_SWEEP: list[tuple[str, dict[str, Any], int]] = [
+    ("defaults (hidden_size 256, mlp_ratio 4)", {}, 112),
+    ("hidden_size 128, mlp_ratio 2", {"hidden_size": 128, "mlp_ratio": 2.0}, 112),
+    ("hidden_size 32, mlp_ratio 1", {"hidden_size": 32, "mlp_ratio": 1.0}, 112),
+    (
+        "hidden_size 32, mlp_ratio 1, no ITRR, no LGIFO",
+        {"hidden_size": 32, "mlp_ratio": 1.0, "use_itrr": False, "use_lgifo": False},
+        112,
+    ),
+    ("defaults (hidden_size 256, mlp_ratio 4)", {}, 224),
+]
 
-def build_rald(backbone: str, image_size: int, bank_size: int) -> RALDForImageClassification:
-    """Return RALD with FG-Emotions labels and a reference bank of ``bank_size`` random features."""
+
+def build_rald(backbone: str, image_size: int, bank_size: int, **overrides: Any) -> RALDForImageClassification:
+    """Return RALD with FG-Emotions labels and a reference bank of ``bank_size`` random features.
+
+    ``overrides`` are further `RALDConfig` fields, such as ``hidden_size``.
+    """
     torch.manual_seed(0)
     space = LabelSpace.from_preset("fg-emotions")
-    config = RALDConfig.from_label_space(space, backbone=backbone, image_size=image_size)
+    config = RALDConfig.from_label_space(space, backbone=backbone, image_size=image_size, **overrides)
     rald = RALDForImageClassification(config)
     features = torch.randn(bank_size, rald.rald.backbone_width)
     rald.rald.set_reference_bank(features, torch.arange(bank_size) % space.num_labels)
@@ -169,6 +187,33 @@ def peak_memory(model_kind: str, args: argparse.Namespace, backbone: str) -> dic
     return json.loads(output.strip().splitlines()[-1])
 
 
+def head_sweep(args: argparse.Namespace) -> str:
+    """Time RALD against the bare backbone at batch 1 for each head of `HEAD_SWEEP`; return a Markdown table."""
+    backbone = args.sweep_backbone
+    bare = build_bare(backbone)
+    lines = [
+        "| head | image size | head parameters (MiB) | RALD, ms per image | backbone alone, ms per image "
+        "| ratio RALD / backbone, median (IQR) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, overrides, image_size in HEAD_SWEEP:
+        rald = build_rald(backbone, image_size, args.bank_size, **overrides)
+        head_bytes = sum(
+            p.numel() * p.element_size() for n, p in rald.named_parameters() if not n.startswith("rald.backbone.")
+        )
+        first = inference_function(rald, 1, image_size)
+        second = inference_function(bare, 1, image_size)
+        rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, 1)
+        ratios = rald_rates / bare_rates
+        lines.append(
+            f"| {name} | {image_size} px | {head_bytes / 2**20:.1f} | {1e3 / np.median(rald_rates):.2f} "
+            f"| {1e3 / np.median(bare_rates):.2f} | {np.median(ratios):.3f} "
+            f"({np.percentile(ratios, 25):.3f} to {np.percentile(ratios, 75):.3f}) |"
+        )
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def describe(rates: np.ndarray) -> str:
     low, median, high = np.percentile(rates, [25, 50, 75])
     return f"{median:.1f} ({low:.1f} to {high:.1f})"
@@ -183,6 +228,12 @@ def main() -> None:
     parser.add_argument("--bank-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15, help="paired repeats per measurement")
     parser.add_argument("--min-seconds", type=float, default=0.5, help="timed seconds per repeat and model")
+    parser.add_argument(
+        "--head-sweep",
+        action="store_true",
+        help="instead of the main tables, time batch 1 for several head sizes and image sizes of --sweep-backbone",
+    )
+    parser.add_argument("--sweep-backbone", default="mobilenetv2_100")
     parser.add_argument("--memory-probe", choices=["rald", "bare"], help=argparse.SUPPRESS)
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
     args = parser.parse_args()
@@ -192,6 +243,17 @@ def main() -> None:
         memory_probe(
             args.memory_probe, args.backbones[0], args.image_size, args.train_batch_size, args.bank_size, str(workdir)
         )
+        return
+    if args.head_sweep:
+        table = head_sweep(args)
+        if args.write_docs:
+            body = (
+                provenance()
+                + f"{args.sweep_backbone}, inference at batch 1 in reference mode (bank of {args.bank_size} images), "
+                f"FG-Emotions labels, {args.repeats} paired repeats of at least {args.min_seconds} s per model.\n\n"
+                + table
+            )
+            print(f"Wrote {write_section('throughput-heads', body)}")
         return
 
     rows = []

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {"use_itrr": False, "use_lgifo": False, "nnldl_weight": 0.0, "hidden_size": None},
     "rald-l": {},
+    "ln-head": {"use_itrr": False, "use_lgifo": False, "nnldl_weight": 0.0, "norm_first": True},
     "rald-valence": {"label_space": "fer2013-valence"},
     "no-itrr": {"use_itrr": False},
     "no-lgifo": {"use_lgifo": False},
@@ -75,6 +76,7 @@ AUGMENTATIONS: dict[str, dict[str, Any] | None] = {
 DESCRIPTIONS = {
     "baseline": "backbone + linear head, cross-entropy",
     "rald-l": "RALD-L: ITRR + LGIFO + NNLDL, no tree (defaults)",
+    "ln-head": "backbone + projection to 256 + layer norm + linear head (RALD-L without its blocks and NNLDL)",
     "rald-valence": "RALD with the fer2013-valence tree",
     "no-itrr": "RALD-L without ITRR",
     "no-lgifo": "RALD-L without LGIFO",
@@ -102,6 +104,14 @@ DESCRIPTIONS = {
 }
 
 
+# Trainer arguments of each --optimizer choice, and how the docs name it.
+OPTIMIZERS: dict[str, dict[str, str]] = {
+    "sgd": {"optim": "sgd", "optim_args": "momentum=0.9"},
+    "adamw": {"optim": "adamw_torch"},
+}
+OPTIMIZER_NAMES = {"sgd": "SGD (momentum 0.9)", "adamw": "AdamW"}
+
+
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train and score one variant with one seed; return the stored record."""
     spec = dict(VARIANTS[variant])
@@ -111,8 +121,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         "per_device_train_batch_size": args.batch_size,
         "per_device_eval_batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
-        "optim": "sgd",
-        "optim_args": "momentum=0.9",
+        **OPTIMIZERS[args.optimizer],
         "weight_decay": args.weight_decay,
         "lr_scheduler_type": "cosine",
         "warmup_steps": args.warmup_steps,
@@ -168,6 +177,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
             "augmentation": args.augmentation,
+            "optimizer": args.optimizer,
+            "weight_decay": args.weight_decay,
         },
     }
 
@@ -236,6 +247,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=7245, help="training images; 0 for the whole split")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=0.01)
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
@@ -283,21 +295,28 @@ def docs_body(records: list[dict[str, Any]], tag: str, table: str) -> str:
     rows = [r for r in records if r["tag"] == tag]
     settings = rows[0]["settings"]
     seeds = " ".join(str(seed) for seed in sorted({r["seed"] for r in rows}))
+    # Records from before the optimizer was a choice all used SGD with the default weight decay.
+    optimizer = settings.get("optimizer", "sgd")
+    weight_decay = settings.get("weight_decay", 1e-4)
+    optimizer_options = "" if optimizer == "sgd" else f" --optimizer {optimizer}"
+    if weight_decay != 1e-4:
+        optimizer_options += f" --weight-decay {weight_decay:g}"
     variants = " ".join(variant for variant in VARIANTS if any(r["variant"] == variant for r in rows))
     train_command = (
         f"python benchmarks/train_fer2013.py --tag {tag} --backbone {settings['backbone']}"
         f"{'' if settings['pretrained'] else ' --no-pretrained'} --image-size {settings['image_size']} "
         f"--epochs {settings['epochs']:g} --train-size {settings['train_size'] or 0} "
         f"--batch-size {settings['batch_size']} --learning-rate {settings['learning_rate']:g} "
-        f"--augmentation {settings['augmentation']} --seeds {seeds} --variants {variants}"
+        f"--augmentation {settings['augmentation']}{optimizer_options} --seeds {seeds} --variants {variants}"
     )
     seconds = [r["train_seconds"] for r in rows]
     return (
         f"Training command (the table lists which seed of each variant ran): `{train_command}`\n\n"
         + provenance("Table written by")
         + f"Budget per run: {settings['epochs']:g} epochs of {settings['train_size'] or 'all'} training images at "
-        f"{settings['image_size']} px, batch {settings['batch_size']}, SGD (momentum 0.9) at "
-        f"{settings['learning_rate']:g} with cosine decay, {settings['augmentation']} augmentation; "
+        f"{settings['image_size']} px, batch {settings['batch_size']}, {OPTIMIZER_NAMES[optimizer]} at "
+        f"{settings['learning_rate']:g} (weight decay {weight_decay:g}) with cosine decay, "
+        f"{settings['augmentation']} augmentation; "
         f"{'ImageNet-pretrained' if settings['pretrained'] else 'randomly initialised'} {settings['backbone']}; "
         f"training took {np.median(seconds):.0f} s per run (median of {len(seconds)}, wall time with other runs "
         "sharing the machine).\n\n" + table

@@ -104,7 +104,7 @@ def test_train_evaluate_predict(faces, tmp_path, capsys):
     assert {entry["label"] for entry in predictions[0]["predictions"]} <= set(config["level_labels"][0])
 
 
-def test_train_with_label_tree_file(faces, tmp_path):
+def test_train_with_label_tree_file(faces, tmp_path, caplog):
     tree = tmp_path / "tree.json"
     tree.write_text(
         json.dumps({"labels": ["sad", "angry", "happy"], "parent_of": {"sad": "low", "angry": "low", "happy": "high"}})
@@ -114,6 +114,9 @@ def test_train_with_label_tree_file(faces, tmp_path):
     config = json.loads((output / "config.json").read_text())
     assert config["level_labels"] == [["sad", "angry", "happy"], ["low", "high"]]
     assert config["use_hierarchy_bias"] is True
+    # Random backbone weights, RALD blocks and the default SGD: the run warns and names the way out.
+    assert "Training a randomly initialised test_efficientnet with SGD" in caplog.text
+    assert "--optimizer adamw_torch" in caplog.text
 
 
 def test_rald_l_drops_tree(faces, tmp_path):

@@ -116,6 +116,29 @@ def _training_arguments(output_dir: Path, training_args: RALDTrainingArguments |
     return RALDTrainingArguments(**values)
 
 
+def _optimizer_name(args: RALDTrainingArguments) -> str:
+    return str(getattr(args.optim, "value", args.optim))
+
+
+def random_backbone_sgd_warning(config: RALDConfig, optimizer: str) -> str | None:
+    """Return a warning when SGD is to train a randomly initialised backbone under a layer-normed head.
+
+    On FER2013, a ResNet18 trained from scratch with SGD stalled near the class prior whenever a layer norm
+    sat between the backbone and the classifier (any RALD block, or pre-norm blocks), while AdamW trained the
+    same model; docs/benchmarks.md has the runs. Returns ``None`` when the combination does not arise.
+    """
+    normed_head = config.use_itrr or config.use_lgifo or config.norm_first
+    if not normed_head or not optimizer.startswith("sgd"):
+        return None
+    return (
+        f"Training a randomly initialised {config.backbone} with SGD: with a layer norm between the backbone and "
+        "the classifier, SGD training from scratch stalled near the class prior on FER2013, while AdamW trained "
+        "the same model. Load pretrained backbone weights (backbone_weights=..., rald-hf --backbone-weights), "
+        "or train with AdamW (optim='adamw_torch', learning rate 1e-3, weight decay 0.05; rald-hf "
+        "--optimizer adamw_torch --learning-rate 0.001 --weight-decay 0.05)."
+    )
+
+
 def train_rald(
     dataset: str | Path | DatasetDict,
     output_dir: str | Path,
@@ -203,6 +226,10 @@ def train_rald(
     if backbone_weights is not None:
         model.load_backbone_weights(str(backbone_weights))
     config = model.config
+    if init_from is None and backbone_weights is None:
+        warning = random_backbone_sgd_warning(config, _optimizer_name(args))
+        if warning:
+            logger.warning(warning)
     num_parameters = sum(p.numel() for p in model.parameters())
     logger.info("Training RALD over %s: %s backbone, %.2f M parameters", space, config.backbone, num_parameters / 1e6)
 
@@ -246,7 +273,7 @@ def train_rald(
         "training_images": len(splits.train),
         "epochs": args.num_train_epochs,
         "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-        "optimizer": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
+        "optimizer": _optimizer_name(args),
         "learning_rate": args.learning_rate,
         "schedule": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "seed": args.seed,

@@ -4,6 +4,7 @@ import torch
 
 from rald_hf import RALDForImageClassification
 from rald_hf.training import NNLDLOptions, RALDTrainer, RALDTrainingArguments, nnldl_loss
+from rald_hf.training.run import random_backbone_sgd_warning
 
 from ..utils import ImageList, tiny_config, tiny_images
 
@@ -175,3 +176,21 @@ def test_feature_relations_pick_neighbours_without_itrr(tmp_path):
     ce = torch.nn.functional.cross_entropy(outputs.logits, labels)
     torch.testing.assert_close(loss, ce + nnldl)
     assert nnldl.item() > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "optimizer", "warns"),
+    [
+        ({}, "sgd", True),
+        ({"use_itrr": False}, "sgd", True),
+        ({"use_itrr": False, "use_lgifo": False}, "sgd", False),
+        ({"use_itrr": False, "use_lgifo": False, "norm_first": True}, "sgd", True),
+        ({}, "adamw_torch", False),
+    ],
+)
+def test_random_backbone_sgd_warning(overrides, optimizer, warns):
+    config = tiny_config(**overrides)
+    warning = random_backbone_sgd_warning(config, optimizer)
+    assert (warning is not None) == warns
+    if warns:
+        assert "adamw_torch" in warning
