@@ -24,9 +24,10 @@ def machine_description() -> str:
     except OSError:
         pass
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    threads = torch.get_num_threads()
     return (
         f"{cpu}, {os.cpu_count()} cores, {device}; Python {platform.python_version()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads"
+        f"{threads} torch thread{'' if threads == 1 else 's'}"
     )
 
 

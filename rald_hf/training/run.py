@@ -123,9 +123,9 @@ def _optimizer_name(args: RALDTrainingArguments) -> str:
 def random_backbone_sgd_warning(config: RALDConfig, optimizer: str) -> str | None:
     """Return a warning when SGD is to train a randomly initialised backbone under a layer-normed head.
 
-    On FER2013, a ResNet18 trained from scratch with SGD stalled near the class prior whenever a layer norm
-    sat between the backbone and the classifier (any RALD block, or pre-norm blocks), while AdamW trained the
-    same model; docs/benchmarks.md has the runs. Returns ``None`` when the combination does not arise.
+    On FER2013, SGD training of a ResNet18 from scratch stalled near the class prior whenever a layer norm
+    sat between the backbone and the classifier (any RALD block, or pre-norm blocks). AdamW trained the same
+    model; docs/benchmarks.md has the runs. Returns ``None`` when the combination does not arise.
     """
     normed_head = config.use_itrr or config.use_lgifo or config.norm_first
     if not normed_head or not optimizer.startswith("sgd"):
