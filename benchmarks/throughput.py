@@ -188,7 +188,7 @@ def peak_memory(model_kind: str, args: argparse.Namespace, backbone: str) -> dic
 
 
 def head_sweep(args: argparse.Namespace) -> str:
-    """Time RALD against the bare backbone at batch 1 for each head of `HEAD_SWEEP`; return a Markdown table."""
+    """Time RALD against the bare backbone at batch 1 for each head of `HEAD_SWEEP` and return a Markdown table."""
     backbone = args.sweep_backbone
     bare = build_bare(backbone)
     lines = [

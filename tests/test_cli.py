@@ -114,7 +114,7 @@ def test_train_with_label_tree_file(faces, tmp_path, caplog):
     config = json.loads((output / "config.json").read_text())
     assert config["level_labels"] == [["sad", "angry", "happy"], ["low", "high"]]
     assert config["use_hierarchy_bias"] is True
-    # Random backbone weights, RALD blocks and the default SGD: the run warns and names the way out.
+    # Random backbone weights, RALD blocks and the default SGD make the run warn and name the AdamW options.
     assert "Training a randomly initialised test_efficientnet with SGD" in caplog.text
     assert "--optimizer adamw_torch" in caplog.text
 
