@@ -1,4 +1,7 @@
-"""Write one benchmark's section of docs/benchmarks.md, between markers that name it."""
+"""Helpers shared by the benchmark scripts: the data folder, and their sections of docs/benchmarks.md.
+
+Each script writes its own section, between markers that name it, with the command and machine on top.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,14 @@ from pathlib import Path
 import torch
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def require_data_dir(contents: str = "fer2013/") -> Path:
+    """Return the folder named by ``RALD_DATA_DIR``, or exit with a message when the variable is unset."""
+    data_dir = os.environ.get("RALD_DATA_DIR")
+    if not data_dir:
+        sys.exit(f"Set RALD_DATA_DIR to the folder that contains {contents}")
+    return Path(data_dir)
 
 
 def machine_description() -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import numpy as np
 from rald_hf.training import evaluate_checkpoint, load_image_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import provenance, write_section  # noqa: E402
+from docs_section import provenance, require_data_dir, write_section  # noqa: E402
 
 # name: (relation mode, batch size, shuffled order)
 PROTOCOLS: dict[str, tuple[str, int, bool]] = {
@@ -51,10 +50,7 @@ def main() -> None:
     parser.add_argument("--results", default=str(Path(__file__).with_name("results") / "inference_modes.json"))
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args()
-    data_dir = os.environ.get("RALD_DATA_DIR")
-    if not data_dir:
-        sys.exit("Set RALD_DATA_DIR to the folder that contains fer2013/")
-    dataset = load_image_dataset(Path(data_dir) / "fer2013")
+    dataset = load_image_dataset(require_data_dir() / "fer2013")
 
     results: dict[str, dict[str, float]] = {}
     for checkpoint in map(Path, args.checkpoints):

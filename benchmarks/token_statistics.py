@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from rald_hf.training.data import find_columns
 from rald_hf.training.run import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import provenance, write_section  # noqa: E402
+from docs_section import provenance, require_data_dir, write_section  # noqa: E402
 
 
 def token_statistics(checkpoint: Path, split: Dataset, images: int = 512, batch_size: int = 128) -> dict[str, float]:
@@ -62,10 +61,7 @@ def main() -> None:
     parser.add_argument("--results", default=str(Path(__file__).with_name("results") / "token_statistics.json"))
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args()
-    data_dir = os.environ.get("RALD_DATA_DIR")
-    if not data_dir:
-        sys.exit("Set RALD_DATA_DIR to the folder that contains fer2013/")
-    split = load_image_dataset(Path(data_dir) / "fer2013")["validation"].shuffle(seed=0).select(range(args.images))
+    split = load_image_dataset(require_data_dir() / "fer2013")["validation"].shuffle(seed=0).select(range(args.images))
 
     results = {}
     for checkpoint in map(Path, args.checkpoints):

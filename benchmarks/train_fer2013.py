@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 from rald_hf.training import evaluate_checkpoint, train_rald
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_section import provenance, write_section  # noqa: E402
+from docs_section import provenance, require_data_dir, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +133,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     training.update(spec.pop("training", {}))
     overrides = {"backbone": args.backbone, "image_size": args.image_size, **spec}
     output_dir = Path(args.runs_dir) / f"{args.tag}-{variant}-seed{seed}"
-    data_dir = Path(os.environ["RALD_DATA_DIR"])
+    data_dir = require_data_dir("fer2013/ and weights/")
     weights = data_dir / "weights" / f"{args.backbone}.in1k.safetensors" if args.pretrained else None
 
     augmentation = AUGMENTATIONS[args.augmentation]
@@ -261,8 +260,7 @@ def main() -> None:
         "--no-train", action="store_true", help="train nothing; summarise the runs of --tag already in --results"
     )
     args = parser.parse_args()
-    if not os.environ.get("RALD_DATA_DIR"):
-        sys.exit("Set RALD_DATA_DIR to the folder that contains fer2013/ and weights/")
+    require_data_dir("fer2013/ and weights/")
     if args.train_size == 0:
         args.train_size = None
 
@@ -313,13 +311,15 @@ def docs_body(records: list[dict[str, Any]], tag: str, table: str) -> str:
     return (
         f"Training command (the table lists which seed of each variant ran): `{train_command}`\n\n"
         + provenance("Table written by")
-        + f"Budget per run: {settings['epochs']:g} epochs of {settings['train_size'] or 'all'} training images at "
-        f"{settings['image_size']} px, batch {settings['batch_size']}, {OPTIMIZER_NAMES[optimizer]} at "
-        f"{settings['learning_rate']:g} (weight decay {weight_decay:g}) with cosine decay, "
-        f"{settings['augmentation']} augmentation; "
-        f"{'ImageNet-pretrained' if settings['pretrained'] else 'randomly initialised'} {settings['backbone']}; "
-        f"training took {np.median(seconds):.0f} s per run (median of {len(seconds)}, wall time with other runs "
-        "sharing the machine).\n\n" + table
+        + "Budget per run:\n\n"
+        f"- data: {settings['epochs']:g} epochs of {settings['train_size'] or 'all'} training images at "
+        f"{settings['image_size']} px, batch {settings['batch_size']}, {settings['augmentation']} augmentation\n"
+        f"- model: {'ImageNet-pretrained' if settings['pretrained'] else 'randomly initialised'} "
+        f"{settings['backbone']}\n"
+        f"- optimizer: {OPTIMIZER_NAMES[optimizer]} at {settings['learning_rate']:g} with cosine decay, "
+        f"weight decay {weight_decay:g}\n"
+        f"- time: {np.median(seconds):.0f} s per run (median of {len(seconds)}; wall time, with other runs "
+        "sharing the machine)\n\n" + table
     )
 
 

@@ -6,7 +6,7 @@ import torch
 from transformers import TrainerCallback, pipeline
 
 from rald_hf import LabelSpace, RALDConfig, RALDForImageClassification, RALDImageProcessor
-from rald_hf.modeling_rald import select_reference_indices
+from rald_hf.modeling_rald import RALDLayer, select_reference_indices
 from rald_hf.training import ReferenceBankCallback, predict_images
 
 from .training.test_trainer import _args
@@ -33,6 +33,47 @@ def test_reference_logits_do_not_depend_on_batch(feature_norm):
         shuffled = model(images[order]).logits
     torch.testing.assert_close(alone, batch, rtol=0, atol=1e-5)
     torch.testing.assert_close(shuffled, batch[order], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["reference", "transductive", "self"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"norm_first": True}, {"attention_residual": False}, {"feature_norm": "batch_norm", "use_lgifo": False}],
+)
+def test_evaluation_path_matches_module_path(mode, overrides, monkeypatch):
+    # Dropout must be skipped, not applied, so the model gets some.
+    model = _model_with_bank(hidden_dropout_prob=0.3, attention_dropout_prob=0.3, **overrides)
+    shorter_calls = []
+    forward_eval = RALDLayer.forward_eval
+    monkeypatch.setattr(
+        RALDLayer, "forward_eval", lambda layer, *a, **k: shorter_calls.append(layer) or forward_eval(layer, *a, **k)
+    )
+    images = tiny_images(9)
+    with torch.no_grad():
+        shorter = model(images, relation_mode=mode, output_hidden_states=True)
+    assert len(shorter_calls) == (1 if "use_lgifo" in overrides else 2)
+    full = model(images, relation_mode=mode, output_hidden_states=True)  # with gradients: the modules' forward
+    assert len(shorter_calls) == (1 if "use_lgifo" in overrides else 2)
+    torch.testing.assert_close(shorter.logits, full.logits.detach(), rtol=0, atol=1e-6)
+    for short_state, full_state in zip(shorter.hidden_states, full.hidden_states, strict=True):
+        torch.testing.assert_close(short_state, full_state.detach(), rtol=0, atol=1e-6)
+
+
+def test_model_built_under_inference_mode():
+    # Inference tensors carry no version counter, yet caching and reloading must still work.
+    other = _model_with_bank()
+    with torch.inference_mode():
+        model = _model_with_bank()
+        images = tiny_images(5)
+        first = model(images).logits
+        assert model.rald.inference_constants(with_bank=True) is model.rald.inference_constants(with_bank=True)
+        torch.testing.assert_close(model(images).logits, first, rtol=0, atol=0)
+        for parameter in other.rald.label_encoder.parameters():
+            parameter.add_(0.3)
+        model.load_state_dict(other.state_dict())
+        reloaded = model(images).logits
+        torch.testing.assert_close(reloaded, other(images).logits, rtol=0, atol=1e-6)
+    assert (reloaded - first).abs().max() > 1e-4
 
 
 def test_reference_differs_from_transductive():
@@ -110,7 +151,7 @@ def test_bank_keys_cached_until_weights_change():
         model.rald.image_proj.weight.add_(0.1)
         second = model.rald.inference_constants(with_bank=True).bank
     assert second is not first
-    assert (second[0] - first[0]).abs().max() > 1e-4
+    assert (second[1] - first[1]).abs().max() > 1e-4  # the values; the keys are scaled down
 
 
 def test_constants_follow_device_and_dtype_moves():
