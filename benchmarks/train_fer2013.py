@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {"use_itrr": False, "use_lgifo": False, "nnldl_weight": 0.0, "hidden_size": None},
     "rald-l": {},
+    "small-head": {"hidden_size": 128, "mlp_ratio": 2.0},
     "ln-head": {"use_itrr": False, "use_lgifo": False, "nnldl_weight": 0.0, "norm_first": True},
     "rald-valence": {"label_space": "fer2013-valence"},
     "no-itrr": {"use_itrr": False},
@@ -75,6 +76,7 @@ AUGMENTATIONS: dict[str, dict[str, Any] | None] = {
 DESCRIPTIONS = {
     "baseline": "backbone + linear head, cross-entropy",
     "rald-l": "RALD-L: ITRR + LGIFO + NNLDL, no tree (defaults)",
+    "small-head": "RALD-L with hidden_size 128 and mlp_ratio 2 (a fifth of the head's weights)",
     "ln-head": "backbone + projection to 256 + layer norm + linear head (RALD-L without its blocks and NNLDL)",
     "rald-valence": "RALD with the fer2013-valence tree",
     "no-itrr": "RALD-L without ITRR",
