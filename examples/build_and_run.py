@@ -1,4 +1,4 @@
-"""Build an FG-Emotions RALD model, run it on random images and save it as a checkpoint.
+"""Build an FG-Emotions RALD model, run it on random images and save it as a checkpoint with its image processor.
 
 Usage:
     python examples/build_and_run.py [OUTPUT_DIR]
@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from rald_hf import LabelSpace, RALDConfig, RALDForImageClassification
+from rald_hf import LabelSpace, RALDConfig, RALDForImageClassification, RALDImageProcessor
 
 
 def main() -> None:
@@ -25,7 +25,10 @@ def main() -> None:
     print("logits", tuple(outputs.logits.shape), "relations", tuple(outputs.image_relations.shape))
     print("first image:", config.id2label[int(outputs.logits[0].argmax())], "(untrained, so arbitrary)")
 
+    # The image processor resizes to the model's image size with the backbone's mean and std; pipeline()
+    # and rald-hf predict read it from the checkpoint folder.
     model.save_pretrained(output_dir)
+    RALDImageProcessor.from_backbone(model.rald.backbone, image_size=config.image_size).save_pretrained(output_dir)
     print(f"Saved to {output_dir}")
 
 

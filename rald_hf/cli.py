@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .labels import LabelSpace
+
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("rald_hf.cli")
@@ -55,6 +57,16 @@ def _config_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+def _word_aliases(pairs: Sequence[str]) -> dict[str, str] | None:
+    aliases = {}
+    for pair in pairs:
+        word, separator, substitute = pair.partition("=")
+        if not separator or not word.strip() or not substitute.strip():
+            raise SystemExit(f"--word-alias expects WORD=SUBSTITUTE, such as calm=relaxed, got {pair!r}")
+        aliases[word.strip()] = substitute.strip()
+    return aliases or None
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -63,7 +75,13 @@ def _positive_int(text: str) -> int:
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the epilog's layout and show every option's default."""
+    """Keep the epilog's layout and show the default of every option that has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # An option without a default either describes its behaviour in its help text or has nothing to show.
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 RELATION_MODE_HELP = (
@@ -89,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--output-dir", required=True, help="folder for checkpoints, the final model and metrics")
     labels = train.add_mutually_exclusive_group()
-    labels.add_argument("--preset", help="label-space preset: fg-emotions, fer2013, fer2013-valence or rafdb")
+    labels.add_argument("--preset", choices=LabelSpace.available_presets(), help="label-space preset")
     labels.add_argument("--label-tree", help="JSON file with labels and their tree (see docs/training.md)")
     train.add_argument("--rald-l", action="store_true", help="drop the label tree and its attention bias (RALD-L)")
     train.add_argument("--backbone", help="timm model name of the image encoder (default: resnet18)")
@@ -114,10 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="learning-rate warm-up: optimizer steps, or a fraction of all steps when below 1",
     )
     train.add_argument("--seed", type=int, default=0, help="seed of initialisation, subsets and data order")
-    train.add_argument("--max-train-samples", type=int, help="train on a stratified subset of this many images")
-    train.add_argument("--max-eval-samples", type=int, help="evaluate on stratified subsets of this many images")
+    train.add_argument(
+        "--max-train-samples", type=_positive_int, help="train on a stratified subset of this many images"
+    )
+    train.add_argument(
+        "--max-eval-samples", type=_positive_int, help="evaluate on stratified subsets of this many images"
+    )
     train.add_argument("--train-split", default="train", help="name of the training split")
     train.add_argument("--validation-split", default="validation", help="split that selects the best checkpoint")
+    train.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        help="share of the training split held out for validation when the dataset has no 'validation' split; "
+        "0 trains without validation",
+    )
     train.add_argument("--test-split", default="test", help="split scored into metrics.json at the end")
     train.add_argument("--num-neighbors", type=int, default=5, help="k, the neighbours of each image in NNLDL")
     train.add_argument("--nnldl-weight", type=float, default=1.0, help="weight of the NNLDL term")
@@ -125,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--class-weighting", choices=["none", "balanced"], default="none", help="cross-entropy weights")
     train.add_argument("--balanced-sampler", action="store_true", help="sample images inversely to class size")
     train.add_argument("--word-vectors", help="word2vec, GloVe or fastText file for the label embeddings")
+    train.add_argument(
+        "--word-alias",
+        action="append",
+        default=[],
+        metavar="WORD=SUBSTITUTE",
+        help="embed a label word that the word vectors lack as another word, such as calm=relaxed",
+    )
     train.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     train.add_argument("--tsne", action="store_true", help="also plot a t-SNE map of the final image features")
     train.add_argument(
@@ -139,17 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     evaluate = commands.add_parser(
-        "evaluate", help="score a checkpoint on a dataset split", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        "evaluate", help="score a checkpoint on a dataset split", formatter_class=_HelpFormatter
     )
     evaluate.add_argument("checkpoint", help="checkpoint folder")
     evaluate.add_argument("--dataset", required=True, help="dataset folder or Hub id")
     evaluate.add_argument("--split", default="test", help="split to score")
-    evaluate.add_argument("--output-dir", help="where metrics and plots go (default: a temporary folder)")
+    evaluate.add_argument("--output-dir", help="where metrics and plots go; without it they are only printed")
     evaluate.add_argument(
         "--batch-size", type=int, default=128, help="images per batch; in transductive mode, how many relate"
     )
     evaluate.add_argument("--relation-mode", choices=["reference", "transductive", "self"], help=RELATION_MODE_HELP)
-    evaluate.add_argument("--max-eval-samples", type=int, help="score a stratified subset of this many images")
+    evaluate.add_argument(
+        "--max-eval-samples", type=_positive_int, help="score a stratified subset of this many images"
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the subset and the evaluation order")
     evaluate.add_argument("--tsne", action="store_true", help="also plot a t-SNE map of the image features")
     evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -160,9 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "relations leak the labels",
     )
 
-    predict = commands.add_parser(
-        "predict", help="print the top labels of image files", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    predict = commands.add_parser("predict", help="print the top labels of image files", formatter_class=_HelpFormatter)
     predict.add_argument("checkpoint", help="checkpoint folder")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--top-k", type=_positive_int, default=3, help="labels to print per image")
@@ -172,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     push = commands.add_parser(
         "push",
         help="upload a checkpoint with its model card to the Hugging Face Hub",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     push.add_argument("checkpoint", help="checkpoint folder")
     push.add_argument("repo_id", help="Hub repository, such as org/rald-fer2013")
@@ -230,9 +266,11 @@ def _train(args: argparse.Namespace) -> None:
         validation_split=args.validation_split,
         test_split=args.test_split,
         word_vectors=args.word_vectors,
+        word_aliases=_word_aliases(args.word_alias),
         tsne=args.tsne,
         reference_bank_size=args.reference_bank_size,
         init_from=args.init_from,
+        validation_fraction=args.validation_fraction,
     )
     if result.metrics and result.is_main_process:
         print(
@@ -267,20 +305,39 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from .training.run import predict_images
+    from .training.run import predict_images, read_image
 
-    results = predict_images(args.checkpoint, args.images, top_k=args.top_k, relation_mode=args.relation_mode)
+    # An unreadable file is reported and skipped, so that the other files still get their predictions.
+    readable, errors = {}, {}
+    for index, path in enumerate(args.images):
+        try:
+            readable[index] = read_image(path)
+        except ValueError as error:
+            errors[index] = str(error)
+            logger.error("%s", error)
+    results = {}
+    if readable:
+        top_labels = predict_images(
+            args.checkpoint, list(readable.values()), top_k=args.top_k, relation_mode=args.relation_mode
+        )
+        results = dict(zip(readable, top_labels, strict=True))
+
     if args.json:
         payload = [
-            {"image": path, "predictions": [{"label": label, "score": score} for label, score in top]}
-            for path, top in zip(args.images, results, strict=True)
+            {"image": path, "error": errors[index]}
+            if index in errors
+            else {"image": path, "predictions": [{"label": label, "score": score} for label, score in results[index]]}
+            for index, path in enumerate(args.images)
         ]
         print(json.dumps(payload, indent=2))
-        return
-    for path, top in zip(args.images, results, strict=True):
-        print(path)
-        for label, score in top:
-            print(f"  {label:<16} {score:.4f}")
+    else:
+        for index, path in enumerate(args.images):
+            if index in results:
+                print(path)
+                for label, score in results[index]:
+                    print(f"  {label:<16} {score:.4f}")
+    if errors:
+        sys.exit(1)
 
 
 def _push(args: argparse.Namespace) -> None:

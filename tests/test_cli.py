@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from PIL import Image
@@ -52,7 +53,7 @@ def test_help_names_paper_differences():
     assert "300 epochs" in train_help
 
 
-def test_train_evaluate_predict(faces, tmp_path, capsys):
+def test_train_evaluate_predict(faces, tmp_path, capsys, monkeypatch):
     output = tmp_path / "run"
     main(["train", "--dataset", str(faces), "--output-dir", str(output), "--preset", "fer2013-valence", *TINY_TRAIN])
     for name in (
@@ -93,8 +94,16 @@ def test_train_evaluate_predict(faces, tmp_path, capsys):
     assert evaluated["confusion_matrix"] == metrics["confusion_matrix"]
     assert (tmp_path / "eval" / "test_confusion_matrix.png").exists()
 
-    image = faces / "test" / "sad" / "0.png"
+    # Without --output-dir the metrics are printed, and no file or temporary folder is left behind.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     capsys.readouterr()
+    main(["evaluate", str(output), "--dataset", str(faces), "--batch-size", "8"])
+    assert f"accuracy {100 * metrics['accuracy']:.2f} %" in capsys.readouterr().out
+    assert list(scratch.iterdir()) == []
+
+    image = faces / "test" / "sad" / "0.png"
     main(["predict", str(output), str(image), "--top-k", "2", "--json"])
     predictions = json.loads(capsys.readouterr().out)
     assert predictions[0]["image"] == str(image)
@@ -102,6 +111,39 @@ def test_train_evaluate_predict(faces, tmp_path, capsys):
     assert len(scores) == 2
     assert scores[0] >= scores[1]
     assert {entry["label"] for entry in predictions[0]["predictions"]} <= set(config["level_labels"][0])
+
+    # An unreadable file is reported, and the readable files still get their predictions.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(output), str(broken), str(image), "--top-k", "2", "--json"])
+    assert exit_info.value.code == 1
+    reported = json.loads(capsys.readouterr().out)
+    assert reported[0]["image"] == str(broken)
+    assert reported[0]["error"].startswith(f"Could not read image {broken}")
+    assert reported[1] == predictions[0]
+
+
+def test_train_on_flat_folder_with_word_alias(tmp_path, caplog):
+    # One folder per class and no splits, and "hygge" is not in the shipped word vectors.
+    folder = tmp_path / "flat"
+    for label_index, label in enumerate(["happy", "sad", "hygge"]):
+        for i in range(10):
+            _write_image(folder / label / f"{i}.png", "rgb", 60 * label_index + 3 * i)
+    output = tmp_path / "run"
+    command = ["train", "--dataset", str(folder), "--output-dir", str(output), *TINY_TRAIN]
+    with pytest.raises(SystemExit):
+        main(command)
+    assert "['hygge'] are missing from the word vectors" in caplog.text
+    assert "--word-alias word=synonym" in caplog.text
+
+    main([*command, "--word-alias", "hygge=content"])
+    metrics = json.loads((output / "metrics.json").read_text())
+    # Without validation and test splits, 10 % of the 30 images are held out, one image of each class.
+    assert metrics["split"] == "validation"
+    assert metrics["num_images"] == 3
+    assert sorted(sum(row) for row in metrics["confusion_matrix"]) == [1, 1, 1]
+    assert (output / "confusion_matrix.png").exists()
 
 
 def test_train_with_label_tree_file(faces, tmp_path, caplog):

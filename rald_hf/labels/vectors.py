@@ -49,8 +49,9 @@ class MissingWordsError(ValueError):
         self.missing = missing
         super().__init__(
             f"Words {missing} are missing from the word vectors ({source}). Pass vectors that contain them "
-            "(vectors=PATH to a word2vec, GloVe or fastText file, or a gensim-data model name), or map each to "
-            "a synonym that the vectors have with aliases={'word': 'synonym'}."
+            "(vectors=PATH to a word2vec, GloVe or fastText file, or a gensim-data model name, which needs "
+            "network access; rald-hf train: --word-vectors PATH), or map each to a synonym that the vectors "
+            "have with aliases={'word': 'synonym'} (rald-hf train: --word-alias word=synonym)."
         )
 
 

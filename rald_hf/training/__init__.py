@@ -3,6 +3,7 @@
 from .data import (
     LabeledSplits,
     find_columns,
+    hold_out_split,
     label_mapping,
     load_image_dataset,
     make_train_transform,
@@ -11,7 +12,7 @@ from .data import (
 )
 from .losses import NNLDLOptions, nnldl_loss, nnldl_target
 from .metrics import classification_metrics, make_compute_metrics, plot_confusion_matrix, plot_tsne, write_metrics
-from .run import TrainingResult, evaluate_checkpoint, predict_images, resolve_label_space, train_rald
+from .run import TrainingResult, evaluate_checkpoint, predict_images, read_image, resolve_label_space, train_rald
 from .trainer import RALDTrainer, RALDTrainingArguments, ReferenceBankCallback
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "classification_metrics",
     "evaluate_checkpoint",
     "find_columns",
+    "hold_out_split",
     "label_mapping",
     "load_image_dataset",
     "make_compute_metrics",
@@ -34,6 +36,7 @@ __all__ = [
     "plot_tsne",
     "predict_images",
     "prepare_splits",
+    "read_image",
     "resolve_label_space",
     "stratified_subset",
     "train_rald",

@@ -28,6 +28,7 @@ from ..labels import LabelSpace
 __all__ = [
     "LabeledSplits",
     "find_columns",
+    "hold_out_split",
     "label_mapping",
     "load_image_dataset",
     "make_train_transform",
@@ -163,17 +164,55 @@ def with_image_transform(
     return dataset.with_transform(apply)
 
 
-def stratified_subset(dataset: Dataset, size: int, seed: int, label_column: str | None = None) -> Dataset:
-    """Select ``size`` rows with the class proportions of the whole dataset, reproducibly for a seed."""
-    if size >= len(dataset):
-        return dataset
+def _stratified_split(
+    dataset: Dataset, size: int, seed: int, label_column: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return sorted indices of ``size`` rows with the dataset's class proportions, and of the other rows.
+
+    Stratification needs two images of every class and room for each class, so without them the draw is
+    uniform.
+    """
     if label_column is None:
         _, label_column = find_columns(dataset)
     labels = np.asarray(dataset.with_format(None)[label_column])
     counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 and size >= len(counts) else None
-    indices, _ = train_test_split(np.arange(len(dataset)), train_size=size, random_state=seed, stratify=stratify)
-    return dataset.select(np.sort(indices))
+    classes = int((counts > 0).sum())
+    stratified = counts[counts > 0].min() >= 2 and classes <= size <= len(dataset) - classes
+    chosen, rest = train_test_split(
+        np.arange(len(dataset)), train_size=size, random_state=seed, stratify=labels if stratified else None
+    )
+    return np.sort(chosen), np.sort(rest)
+
+
+def stratified_subset(dataset: Dataset, size: int, seed: int, label_column: str | None = None) -> Dataset:
+    """Select ``size`` rows with the class proportions of the whole dataset, reproducibly for a seed."""
+    if size >= len(dataset):
+        return dataset
+    chosen, _ = _stratified_split(dataset, size, seed, label_column)
+    return dataset.select(chosen)
+
+
+def hold_out_split(
+    dataset: Dataset, fraction: float, seed: int, label_column: str | None = None
+) -> tuple[Dataset, Dataset]:
+    """Split off a stratified, seeded ``fraction`` of the rows, as a validation split for a dataset without one.
+
+    Returns:
+        The remaining rows and the held-out rows.
+
+    Raises:
+        ValueError: For a fraction outside (0, 1), or a dataset too small to keep rows on both sides.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"The held-out fraction must be between 0 and 1, got {fraction}")
+    size = round(fraction * len(dataset))
+    if not 0 < size < len(dataset):
+        raise ValueError(
+            f"Holding out {fraction:g} of {len(dataset)} images leaves one side empty; add a validation split "
+            "to the dataset or choose another fraction"
+        )
+    held_out, rest = _stratified_split(dataset, size, seed, label_column)
+    return dataset.select(rest), dataset.select(held_out)
 
 
 @dataclass

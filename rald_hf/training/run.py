@@ -25,7 +25,7 @@ from ..configuration_rald import RALDConfig
 from ..image_processing_rald import RALDImageProcessor, to_rgb_image
 from ..labels import LabelSpace
 from ..modeling_rald import RALDForImageClassification
-from .data import load_image_dataset, make_train_transform, prepare_splits
+from .data import hold_out_split, load_image_dataset, make_train_transform, prepare_splits
 from .metrics import classification_metrics, make_compute_metrics, plot_confusion_matrix, plot_tsne, write_metrics
 from .trainer import RALDTrainer, RALDTrainingArguments, ReferenceBankCallback
 
@@ -153,10 +153,12 @@ def train_rald(
     validation_split: str | None = "validation",
     test_split: str | None = "test",
     word_vectors: str | Path | None = None,
+    word_aliases: dict[str, str] | None = None,
     tsne: bool = False,
     reference_bank_size: int = 128,
     augmentation: dict[str, Any] | None = None,
     init_from: str | Path | None = None,
+    validation_fraction: float = 0.1,
 ) -> TrainingResult:
     """Train a RALD classifier on a dataset, evaluate it and save everything into ``output_dir``.
 
@@ -173,9 +175,12 @@ def train_rald(
         max_train_samples: Train on a stratified, seeded subset of this size.
         max_eval_samples: Evaluate on stratified, seeded subsets of this size.
         train_split: Name of the training split.
-        validation_split: Split for per-epoch evaluation and checkpoint selection, or ``None``.
+        validation_split: Split for per-epoch evaluation and checkpoint selection, or ``None``. When the
+            dataset has no split of the default name "validation", ``validation_fraction`` of the training
+            split is held out for it.
         test_split: Split scored at the end into ``metrics.json``, or ``None`` to score the validation split.
         word_vectors: Word vectors for the label embeddings (default: the shipped GloVe vocabulary).
+        word_aliases: Substitutes for label words that the vectors lack, such as ``{"bird": "animal"}``.
         tsne: Also save ``tsne.png``, a t-SNE map of the final image features of the scored split.
         reference_bank_size: Images of the training split whose backbone features are stored in the
             checkpoint for batch-independent inference (drawn class-balanced after training); 0 saves the
@@ -186,9 +191,14 @@ def train_rald(
             carry over, and the labels, tree, classifier and reference bank are made anew for this label
             space (`RALDPreTrainedModel.for_label_space`). ``config_overrides`` may then only change
             fields that do not define the architecture.
+        validation_fraction: The stratified, seeded share of the training split held out as the validation
+            split when the dataset has none; 0 trains without per-epoch evaluation instead.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    args = _training_arguments(output_dir, training_args)
+    # A preset or tree file is checked before the dataset loads, which may take long.
+    space = resolve_label_space(label_space) if label_space is not None else None
     dataset_name = Path(str(dataset)).name if not isinstance(dataset, DatasetDict) else None
     if not isinstance(dataset, DatasetDict):
         dataset = load_image_dataset(dataset)
@@ -198,21 +208,35 @@ def train_rald(
     if validation_split is not None and validation_split not in dataset:
         if validation_split != "validation":
             raise ValueError(f"Validation split {validation_split!r} not found; the dataset has {list(dataset)}")
-        logger.warning("The dataset has no 'validation' split; training without per-epoch evaluation")
-        validation_split = None
+        if validation_fraction > 0:
+            rest, held_out = hold_out_split(dataset[train_split], validation_fraction, args.seed)
+            dataset = DatasetDict({**dataset, train_split: rest, "validation": held_out})
+            logger.warning(
+                "The dataset has no 'validation' split; holding out %d of its %d training images for it "
+                "(validation_fraction=%g)",
+                len(held_out),
+                len(rest) + len(held_out),
+                validation_fraction,
+            )
+        else:
+            logger.warning("The dataset has no 'validation' split; training without per-epoch evaluation")
+            validation_split = None
     if test_split is not None and test_split not in dataset:
         if test_split != "test":
             raise ValueError(f"Test split {test_split!r} not found; the dataset has {list(dataset)}")
-        logger.warning("The dataset has no 'test' split; scoring the validation split instead")
+        if validation_split is not None:
+            logger.warning("The dataset has no 'test' split; scoring the validation split instead")
+        else:
+            logger.warning("The dataset has neither a 'test' nor a 'validation' split; nothing will be scored")
         test_split = None
 
-    space = resolve_label_space(label_space, dataset)
+    if space is None:
+        space = resolve_label_space(None, dataset)
     overrides = dict(config_overrides or {})
     check_config_fields(overrides)
     if rald_l:
         space = space.without_tree()
         overrides["use_hierarchy_bias"] = False
-    args = _training_arguments(output_dir, training_args)
     if validation_split is None and args.eval_strategy != "no":
         args.eval_strategy = "no"
         args.load_best_model_at_end = False
@@ -220,9 +244,12 @@ def train_rald(
     if init_from is not None:
         if backbone_weights is not None:
             raise ValueError("Pass either init_from (a RALD checkpoint) or backbone_weights, not both")
-        model = load_checkpoint(init_from).for_label_space(space, word_vectors=word_vectors, **overrides)
+        model = load_checkpoint(init_from).for_label_space(
+            space, word_vectors=word_vectors, word_aliases=word_aliases, **overrides
+        )
     else:
-        model = RALDForImageClassification(RALDConfig.from_label_space(space, vectors=word_vectors, **overrides))
+        config = RALDConfig.from_label_space(space, vectors=word_vectors, word_aliases=word_aliases, **overrides)
+        model = RALDForImageClassification(config)
     if backbone_weights is not None:
         model.load_backbone_weights(str(backbone_weights))
     config = model.config
@@ -373,16 +400,18 @@ def evaluate_checkpoint(
         checkpoint: A folder written by `train_rald` or ``save_pretrained``.
         dataset: Anything `rald_hf.training.load_image_dataset` accepts, or a loaded `DatasetDict`.
         split: The split to score.
-        output_dir: Where ``<split>_metrics.json``, the per-class table and the confusion matrix go (a
-            temporary folder by default).
+        output_dir: Where ``<split>_metrics.json``, the per-class table and the confusion matrix go. Without
+            it, nothing is written and only the returned metrics remain.
         batch_size: Images per evaluation batch; in transductive mode this is how many images relate.
         relation_mode: Override the checkpoint's inference relation mode.
         max_eval_samples: Score a stratified, seeded subset of this size.
         seed: Seed of the subset and of the evaluation order.
-        tsne: Also save a t-SNE map of the image features.
+        tsne: Also save a t-SNE map of the image features (needs ``output_dir``).
         shuffle: Shuffle the evaluation order with ``seed``. ``False`` keeps the dataset's order, which for a
             class-sorted split shows how much transductive relations leak the labels.
     """
+    if tsne and output_dir is None:
+        raise ValueError("tsne=True writes tsne.png, so it needs an output_dir (rald-hf: --output-dir)")
     model = load_checkpoint(checkpoint)
     if relation_mode is not None:
         model.config.inference_relation_mode = relation_mode
@@ -401,17 +430,20 @@ def evaluate_checkpoint(
         seed=seed,
         shuffle_evaluation=shuffle,
     )
-    scratch = tempfile.mkdtemp(prefix="rald-eval-")
-    args = RALDTrainingArguments(
-        output_dir=scratch,
-        per_device_eval_batch_size=batch_size,
-        report_to="none",
-        seed=seed,
-    )
-    trainer = RALDTrainer(model=model, args=args, processing_class=processor)
-    target = Path(output_dir) if output_dir is not None else Path(scratch)
-    target.mkdir(parents=True, exist_ok=True)
-    metrics, _ = _score(trainer, splits.validation, space, target, tsne=tsne, prefix=f"{split}_")
+    # The Trainer needs an output folder even though evaluation saves nothing into it.
+    with tempfile.TemporaryDirectory(prefix="rald-eval-") as scratch:
+        args = RALDTrainingArguments(
+            output_dir=scratch,
+            per_device_eval_batch_size=batch_size,
+            report_to="none",
+            seed=seed,
+        )
+        trainer = RALDTrainer(model=model, args=args, processing_class=processor)
+        target = Path(output_dir) if output_dir is not None else Path(scratch)
+        target.mkdir(parents=True, exist_ok=True)
+        metrics, _ = _score(
+            trainer, splits.validation, space, target, tsne=tsne, prefix=f"{split}_", write=output_dir is not None
+        )
     metrics["split"] = split
     metrics["shuffled"] = shuffle
     metrics["batch_size"] = batch_size
@@ -440,6 +472,22 @@ def _load_processor(checkpoint: str | Path, model: RALDForImageClassification) -
     return RALDImageProcessor.from_backbone(model.rald.backbone, image_size=model.config.image_size)
 
 
+def read_image(path: str | Path) -> Any:
+    """Open an image file as 8-bit RGB with `to_rgb_image`.
+
+    Raises:
+        ValueError: When the file is missing, unreadable or not an image; the message names the file.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            return to_rgb_image(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Could not read image {path}: {error}") from error
+
+
 @torch.no_grad()
 def predict_images(
     checkpoint: str | Path | RALDForImageClassification,
@@ -457,21 +505,9 @@ def predict_images(
         relation_mode: Override the model's inference relation mode.
         processor: The image processor; read from the checkpoint folder by default.
     """
-    from PIL import Image
-
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    loaded = []
-    for image in images:
-        if isinstance(image, str | Path):
-            try:
-                with Image.open(image) as handle:
-                    handle.load()
-                    loaded.append(to_rgb_image(handle))
-            except (OSError, ValueError) as error:
-                raise ValueError(f"Could not read image {image}: {error}") from error
-        else:
-            loaded.append(image)
+    loaded = [read_image(image) if isinstance(image, str | Path) else image for image in images]
     if isinstance(checkpoint, RALDForImageClassification):
         model = checkpoint
         processor = processor or RALDImageProcessor.from_backbone(model.rald.backbone, model.config.image_size)

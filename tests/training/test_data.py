@@ -7,7 +7,14 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
 from rald_hf import LabelSpace, RALDImageProcessor
-from rald_hf.training import find_columns, label_mapping, load_image_dataset, prepare_splits, stratified_subset
+from rald_hf.training import (
+    find_columns,
+    hold_out_split,
+    label_mapping,
+    load_image_dataset,
+    prepare_splits,
+    stratified_subset,
+)
 
 CLASSES = ["happy", "sad", "angry"]
 
@@ -142,6 +149,33 @@ def test_stratified_subset_keeps_proportions():
     counts = np.bincount(subset["label"], minlength=3).tolist()
     assert counts == [12, 6, 2]
     assert stratified_subset(dataset, 20, seed=0, label_column="label")["label"] == subset["label"]
+
+
+def test_hold_out_split_is_stratified_and_disjoint():
+    labels = [0] * 60 + [1] * 30 + [2] * 10
+    dataset = Dataset.from_dict(
+        {"label": labels, "row": list(range(100))},
+        features=Features({"label": ClassLabel(names=["a", "b", "c"]), "row": Value("int32")}),
+    )
+    rest, held_out = hold_out_split(dataset, 0.2, seed=3, label_column="label")
+    assert np.bincount(held_out["label"], minlength=3).tolist() == [12, 6, 2]
+    assert sorted([*rest["row"], *held_out["row"]]) == list(range(100))
+    assert list(hold_out_split(dataset, 0.2, seed=3, label_column="label")[1]["row"]) == list(held_out["row"])
+
+
+@pytest.mark.parametrize(("fraction", "message"), [(0.0, "between 0 and 1"), (0.001, "leaves one side empty")])
+def test_hold_out_split_rejects_bad_fractions(fraction, message):
+    dataset = Dataset.from_dict({"label": [0, 1] * 5}, features=Features({"label": ClassLabel(names=["a", "b"])}))
+    with pytest.raises(ValueError, match=message):
+        hold_out_split(dataset, fraction, seed=0, label_column="label")
+
+
+def test_stratified_subset_of_almost_all_rows():
+    # Too few rows stay out to hold one of each class, so the draw falls back to uniform instead of failing.
+    dataset = Dataset.from_dict(
+        {"label": [0, 1, 2] * 10}, features=Features({"label": ClassLabel(names=["a", "b", "c"])})
+    )
+    assert len(stratified_subset(dataset, 29, seed=0, label_column="label")) == 29
 
 
 def test_splits_with_different_classes_raise(image_folder):
