@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=_positive_int, default=3, help="labels to print per image")
     predict.add_argument("--relation-mode", choices=["reference", "transductive", "self"], help=RELATION_MODE_HELP)
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+    predict.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     push = commands.add_parser(
         "push",
@@ -294,6 +295,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         seed=args.seed,
         tsne=args.tsne,
         shuffle=not args.no_shuffle,
+        progress=not args.no_progress,
     )
     print(per_class_table(metrics))
     levels = ", ".join(f"{k} {100 * v:.2f} %" for k, v in metrics.items() if k.startswith("accuracy_"))
@@ -363,9 +365,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "no_progress", False):
+        import datasets
+        from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        disable_progress_bars()
     handlers = {"train": _train, "evaluate": _evaluate, "predict": _predict, "push": _push}
     try:
         handlers[args.command](args)

@@ -214,15 +214,17 @@ def test_unknown_dataset_label_exits_with_message(faces, tmp_path, caplog):
     assert "are not in the label space" in caplog.text
 
 
-def test_predict_unreadable_image_exits(faces, tmp_path, caplog):
+def test_evaluate_on_unknown_labels_suggests_fine_tuning(faces, tmp_path, caplog):
     output = tmp_path / "run"
     main(["train", "--dataset", str(faces), "--output-dir", str(output), *TINY_TRAIN])
-    broken = tmp_path / "broken.jpg"
-    broken.write_text("no image here")
-    with pytest.raises(SystemExit):
-        main(["predict", str(output), str(broken)])
-    assert "Could not read image" in caplog.text
-    assert "broken.jpg" in caplog.text
+    other = tmp_path / "other"
+    for label_index, label in enumerate(["happy", "surprised"]):
+        _write_image(other / "test" / label / "0.png", "rgb", 60 * label_index)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(output), "--dataset", str(other)])
+    assert exit_info.value.code == 1
+    assert "['surprised'] of the dataset are not among the labels of checkpoint" in caplog.text
+    assert f"rald-hf train --init-from {output}" in caplog.text
 
 
 def test_set_requires_key_value():

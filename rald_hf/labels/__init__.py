@@ -1,6 +1,6 @@
 """What a RALD model predicts: label spaces, their trees and their word-vector embeddings."""
 
-from .label_space import LABEL_SYNONYMS, LabelNode, LabelSpace, normalize_label_name
+from .label_space import LABEL_SYNONYMS, LabelNode, LabelSpace, UnknownLabelsError, normalize_label_name
 from .vectors import (
     DEFAULT_VECTORS_PATH,
     WORD_ALIASES,
@@ -17,6 +17,7 @@ __all__ = [
     "LabelNode",
     "LabelSpace",
     "MissingWordsError",
+    "UnknownLabelsError",
     "embed_label_space",
     "load_word_vectors",
     "normalize_label_name",

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from datasets import ClassLabel
     from gensim.models import KeyedVectors
 
-__all__ = ["LABEL_SYNONYMS", "LabelNode", "LabelSpace", "normalize_label_name"]
+__all__ = ["LABEL_SYNONYMS", "LabelNode", "LabelSpace", "UnknownLabelsError", "normalize_label_name"]
 
 DistanceMode = Literal["path", "edge"]
 
@@ -92,6 +92,14 @@ def _synonym_key(name: str) -> str:
         if normalized in group:
             return group[0]
     return normalized
+
+
+class UnknownLabelsError(ValueError):
+    """Raised when class names match no fine label of a label space; ``missing`` lists them."""
+
+    def __init__(self, missing: list[str], message: str) -> None:
+        self.missing = missing
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -477,7 +485,8 @@ class LabelSpace:
         expression (`LABEL_SYNONYMS`), so a dataset's "happy" finds the label space's "happiness".
 
         Raises:
-            ValueError: Listing every name that matches no fine label, or two names that match the same one.
+            UnknownLabelsError: Listing every name that matches no fine label.
+            ValueError: For two names that match the same fine label.
         """
         exact = {normalize_label_name(label): i for i, label in enumerate(self.labels)}
         by_synonym: dict[str, int] = {}
@@ -490,10 +499,11 @@ class LabelSpace:
                 missing.append(name)
             indices.append(index)
         if missing:
-            raise ValueError(
+            raise UnknownLabelsError(
+                missing,
                 f"Label names {missing} are not in the label space {self.name or ''} (fine labels: "
                 f"{list(self.labels)}). Choose a label space that contains them (another preset, a label tree "
-                "file, or LabelSpace.from_class_label on the dataset's label feature)."
+                "file, or LabelSpace.from_class_label on the dataset's label feature).",
             )
         seen: dict[int, str] = {}
         for name, index in zip(names, indices, strict=True):

@@ -23,7 +23,7 @@ from datasets import DatasetDict
 
 from ..configuration_rald import RALDConfig
 from ..image_processing_rald import RALDImageProcessor, to_rgb_image
-from ..labels import LabelSpace
+from ..labels import LabelSpace, UnknownLabelsError
 from ..modeling_rald import RALDForImageClassification
 from .data import hold_out_split, load_image_dataset, make_train_transform, prepare_splits
 from .metrics import classification_metrics, make_compute_metrics, plot_confusion_matrix, plot_tsne, write_metrics
@@ -393,6 +393,7 @@ def evaluate_checkpoint(
     seed: int = 0,
     tsne: bool = False,
     shuffle: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Score a saved checkpoint on one split of a dataset; write metrics and plots when ``output_dir`` is set.
 
@@ -409,6 +410,7 @@ def evaluate_checkpoint(
         tsne: Also save a t-SNE map of the image features (needs ``output_dir``).
         shuffle: Shuffle the evaluation order with ``seed``. ``False`` keeps the dataset's order, which for a
             class-sorted split shows how much transductive relations leak the labels.
+        progress: Show the Trainer's progress bar.
     """
     if tsne and output_dir is None:
         raise ValueError("tsne=True writes tsne.png, so it needs an output_dir (rald-hf: --output-dir)")
@@ -419,17 +421,26 @@ def evaluate_checkpoint(
     if not isinstance(dataset, DatasetDict):
         dataset = load_image_dataset(dataset)
     space = LabelSpace.from_config(model.config)
-    splits = prepare_splits(
-        dataset,
-        space,
-        processor,
-        train_split=None,
-        validation_split=split,
-        test_split=None,
-        max_eval_samples=max_eval_samples,
-        seed=seed,
-        shuffle_evaluation=shuffle,
-    )
+    try:
+        splits = prepare_splits(
+            dataset,
+            space,
+            processor,
+            train_split=None,
+            validation_split=split,
+            test_split=None,
+            max_eval_samples=max_eval_samples,
+            seed=seed,
+            shuffle_evaluation=shuffle,
+        )
+    except UnknownLabelsError as error:
+        # A checkpoint's labels are fixed, so the usual advice (pick another label space) does not apply.
+        raise UnknownLabelsError(
+            error.missing,
+            f"Label names {error.missing} of the dataset are not among the labels of checkpoint {checkpoint} "
+            f"({list(space.labels)}). Score it on data with those classes, or fine-tune it to the dataset's "
+            f"labels first (rald-hf train --init-from {checkpoint}).",
+        ) from error
     # The Trainer needs an output folder even though evaluation saves nothing into it.
     with tempfile.TemporaryDirectory(prefix="rald-eval-") as scratch:
         args = RALDTrainingArguments(
@@ -437,6 +448,7 @@ def evaluate_checkpoint(
             per_device_eval_batch_size=batch_size,
             report_to="none",
             seed=seed,
+            disable_tqdm=not progress,
         )
         trainer = RALDTrainer(model=model, args=args, processing_class=processor)
         target = Path(output_dir) if output_dir is not None else Path(scratch)
