@@ -776,6 +776,15 @@ class RALDModel(RALDPreTrainedModel):
 
     # Weight-only parts of the forward pass
 
+    def clear_inference_cache(self) -> None:
+        """Drop the cached inference constants and bank check, so that the next call recomputes them.
+
+        The cache notices optimizer steps, in-place edits, ``load_state_dict`` and device moves by itself.
+        Call this after edits that bypass version counters: through ``tensor.data``, or in place on
+        weights created under ``torch.inference_mode``.
+        """
+        self._forget_tensors()
+
     def _forget_tensors(self) -> None:
         """Drop the tracked tensor list and every cached result, after tensors were replaced or reloaded."""
         self._tracked_tensors = None
@@ -800,7 +809,7 @@ class RALDModel(RALDPreTrainedModel):
             return tuple((tensor.data_ptr(), tensor._version) for tensor in self._tracked_tensors)
         except RuntimeError:
             # Tensors created under torch.inference_mode have no version counter.
-            # NOTE: in-place edits of such tensors are not detected, only replaced tensors are.
+            # NOTE: in-place edits of such tensors are not detected (see clear_inference_cache).
             return tuple(
                 (tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version)
                 for tensor in self._tracked_tensors

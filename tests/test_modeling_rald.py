@@ -253,6 +253,18 @@ def test_label_tokens_cached_until_weights_change():
     assert model.rald.label_tokens().requires_grad
 
 
+def test_edits_through_data_need_cache_clear():
+    model = _model().eval()
+    with torch.no_grad():
+        first = model.rald.label_tokens()
+        # Writes through .data bypass the version counter, so the cache cannot notice them.
+        model.rald.label_encoder.proj.weight.data.add_(0.5)
+        assert model.rald.label_tokens() is first
+        model.rald.clear_inference_cache()
+        second = model.rald.label_tokens()
+    assert (second - first).abs().max() > 1e-4
+
+
 def test_label_space_of_any_size():
     space = LabelSpace.from_parent_map(["joy", "relief", "fear"], {"joy": "good", "relief": "good", "fear": "bad"})
     model = RALDForImageClassification(tiny_config(space))
