@@ -325,12 +325,13 @@ def _predict(args: argparse.Namespace) -> None:
         results = dict(zip(readable, top_labels, strict=True))
 
     if args.json:
-        payload = [
-            {"image": path, "error": errors[index]}
-            if index in errors
-            else {"image": path, "predictions": [{"label": label, "score": score} for label, score in results[index]]}
-            for index, path in enumerate(args.images)
-        ]
+        payload = []
+        for index, path in enumerate(args.images):
+            if index in errors:
+                payload.append({"image": path, "error": errors[index]})
+            else:
+                predictions = [{"label": label, "score": score} for label, score in results[index]]
+                payload.append({"image": path, "predictions": predictions})
         print(json.dumps(payload, indent=2))
     else:
         for index, path in enumerate(args.images):

@@ -261,9 +261,9 @@ class RALDLayer(nn.Module):
         """Compute `forward` without context, for evaluation calls without gradients.
 
         Dropout is the identity in evaluation, so this skips the dropout modules and calls the attention's
-        and the feed-forward network's layers directly. The result is the same, with about a dozen fewer
-        module calls per block: at batch 1 after a small backbone, that overhead is measurable. The linear
-        layers are still called as modules, so hooks and adapters on them keep working.
+        and the feed-forward network's layers directly. The result is the same, with seven fewer module
+        calls per block: at batch 1 after a small backbone, that overhead is measurable. The linear layers
+        are still called as modules, so hooks and adapters on them keep working.
         """
         attention, mlp = self.attention, self.mlp
         attended, scores = attention.attend(self.norm1(x), **kwargs)

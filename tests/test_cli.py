@@ -232,6 +232,18 @@ def test_set_requires_key_value():
         main(["train", "--dataset", "x", "--output-dir", "y", "--set", "hidden_size"])
 
 
+@pytest.mark.parametrize("fraction", ["-0.1", "1"])
+def test_validation_fraction_is_checked(fraction, tmp_path, caplog):
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "x", "--output-dir", str(tmp_path / "run"), "--validation-fraction", fraction])
+    assert f"validation_fraction must be at least 0 and below 1, got {float(fraction)}" in caplog.text
+
+
+def test_word_alias_requires_pair():
+    with pytest.raises(SystemExit, match="WORD=SUBSTITUTE"):
+        main(["train", "--dataset", "x", "--output-dir", "y", "--word-alias", "hygge"])
+
+
 @pytest.mark.data
 def test_fer2013_end_to_end(data_dir, tmp_path):
     """Train a few steps on real FER2013 images from pretrained weights, score, reload and predict."""

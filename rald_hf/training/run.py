@@ -194,6 +194,8 @@ def train_rald(
         validation_fraction: The stratified, seeded share of the training split held out as the validation
             split when the dataset has none; 0 trains without per-epoch evaluation instead.
     """
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be at least 0 and below 1, got {validation_fraction}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     args = _training_arguments(output_dir, training_args)
