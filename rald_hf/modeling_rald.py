@@ -135,7 +135,7 @@ class InferenceConstants:
         label_tokens: HLRR output S̃, shape (C, D).
         label_keys: LGIFO keys of the label tokens, shape (H, C, Dh), or ``None`` without LGIFO.
         bank: ITRR keys of the reference bank, transposed and multiplied by the attention scale (H, Dh, M),
-            and its values (H, M, Dh); ``None`` outside reference mode.
+            and its values (H, M, Dh). ``None`` outside reference mode.
     """
 
     label_tokens: torch.Tensor
@@ -317,7 +317,7 @@ class ImageRelationAttention(nn.Module):
             mode: ``"transductive"`` attends to the batch (or ``context``), ``"self"`` only to the image
                 itself, ``"reference"`` to the image itself and the bank.
             bank: Keys of the reference bank (H, Dh, M), already transposed and scaled, and its values
-                (H, M, Dh), as `InferenceConstants.bank` holds them. Required in reference mode.
+                (H, M, Dh), as `InferenceConstants.bank` contains them. Required in reference mode.
             need_scores: Compute the relation scores in self mode, where the attention does not need them.
 
         Returns:
@@ -669,6 +669,7 @@ class RALDModel(RALDPreTrainedModel):
         self._constants: tuple[tuple, InferenceConstants] | None = None
         self._fingerprint_checked: tuple | None = None
         self._tracked_tensors: list[torch.Tensor] | None = None
+        self._has_inference_tensors = False
         self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module._forget_tensors())
         self.post_init()
 
@@ -805,15 +806,15 @@ class RALDModel(RALDPreTrainedModel):
         """
         if self._tracked_tensors is None:
             self._tracked_tensors = [*self.parameters(), *self.buffers()]
-        try:
-            return tuple((tensor.data_ptr(), tensor._version) for tensor in self._tracked_tensors)
-        except RuntimeError:
+            self._has_inference_tensors = any(tensor.is_inference() for tensor in self._tracked_tensors)
+        if self._has_inference_tensors:
             # Tensors created under torch.inference_mode have no version counter.
             # NOTE: in-place edits of such tensors are not detected (see clear_inference_cache).
             return tuple(
                 (tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version)
                 for tensor in self._tracked_tensors
             )
+        return tuple((tensor.data_ptr(), tensor._version) for tensor in self._tracked_tensors)
 
     def inference_constants(self, with_bank: bool) -> InferenceConstants:
         """Return the label tokens, LGIFO label keys and (``with_bank``) bank keys and values.
