@@ -39,15 +39,16 @@ from docs_section import provenance, write_section  # noqa: E402
 
 # Head configurations of the sweep: a name, RALDConfig overrides, and the image size.
 HEAD_SWEEP: list[tuple[str, dict[str, Any], int]] = [
-    ("defaults (hidden_size 256, mlp_ratio 4)", {}, 112),
-    ("hidden_size 128, mlp_ratio 2", {"hidden_size": 128, "mlp_ratio": 2.0}, 112),
+    ("hidden_size 256, mlp_ratio 4 (the earlier defaults)", {"hidden_size": 256, "mlp_ratio": 4.0}, 112),
+    ("defaults (hidden_size 128, mlp_ratio 2)", {}, 112),
     ("hidden_size 32, mlp_ratio 1", {"hidden_size": 32, "mlp_ratio": 1.0}, 112),
     (
         "hidden_size 32, mlp_ratio 1, no ITRR, no LGIFO",
         {"hidden_size": 32, "mlp_ratio": 1.0, "use_itrr": False, "use_lgifo": False},
         112,
     ),
-    ("defaults (hidden_size 256, mlp_ratio 4)", {}, 224),
+    ("hidden_size 256, mlp_ratio 4 (the earlier defaults)", {"hidden_size": 256, "mlp_ratio": 4.0}, 224),
+    ("defaults (hidden_size 128, mlp_ratio 2)", {}, 224),
 ]
 
 

@@ -201,6 +201,15 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _tensors_key(tensors: list[torch.Tensor], has_inference_tensors: bool) -> tuple:
+    """Return the storage address and in-place version counter of each tensor, for spotting changed weights."""
+    if has_inference_tensors:
+        # Tensors created under torch.inference_mode have no version counter.
+        # NOTE: in-place edits of such tensors are not detected (see RALDModel.clear_inference_cache).
+        return tuple((tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version) for tensor in tensors)
+    return tuple((tensor.data_ptr(), tensor._version) for tensor in tensors)
+
+
 def select_reference_indices(labels: torch.Tensor, size: int, per_class: bool, seed: int) -> torch.Tensor:
     """Draw ``size`` item indices, class-balanced when ``per_class``, reproducibly for a seed."""
     generator = torch.Generator().manual_seed(seed)
@@ -667,9 +676,12 @@ class RALDModel(RALDPreTrainedModel):
 
         # Inference constants, reused while the key of `_weights_key` is unchanged.
         self._constants: tuple[tuple, InferenceConstants] | None = None
-        self._fingerprint_checked: tuple | None = None
         self._tracked_tensors: list[torch.Tensor] | None = None
         self._has_inference_tensors = False
+        # Whether the bank was checked against the backbone since the last event that may change it, and the
+        # backbone's tensor key at that check (see _check_bank_fingerprint).
+        self._bank_checked = False
+        self._backbone_key: tuple | None = None
         self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module._forget_tensors())
         self.post_init()
 
@@ -780,41 +792,48 @@ class RALDModel(RALDPreTrainedModel):
     def clear_inference_cache(self) -> None:
         """Drop the cached inference constants and bank check, so that the next call recomputes them.
 
-        The cache notices optimizer steps, in-place edits, ``load_state_dict`` and device moves by itself.
-        Call this after edits that bypass version counters: through ``tensor.data``, or in place on
-        weights created under ``torch.inference_mode``.
+        The cache notices optimizer steps, ``load_state_dict``, device moves and in-place edits of the head
+        by itself; see `_weights_key` and `_check_bank_fingerprint` for what each check covers. Call this
+        after edits that bypass version counters (through ``tensor.data``, or in place on weights created
+        under ``torch.inference_mode``), and after in-place edits of inner backbone weights between two
+        evaluation calls (weight averaging, ``copy_`` under ``torch.no_grad``).
         """
         self._forget_tensors()
 
     def _forget_tensors(self) -> None:
-        """Drop the tracked tensor list and every cached result, after tensors were replaced or reloaded."""
+        """Drop the tracked tensor lists and every cached result, after tensors were replaced or reloaded."""
         self._tracked_tensors = None
         self._constants = None
-        self._fingerprint_checked = None
+        self._bank_checked = False
+        self._backbone_key = None
 
     def _apply(self, fn, *args, **kwargs):
         # Device and dtype moves replace buffers, so the tracked tensor list must be rebuilt.
         self._forget_tensors()
         return super()._apply(fn, *args, **kwargs)
 
-    def _weights_key(self) -> tuple:
-        """Return a key that changes whenever any weight or buffer of the model changes.
+    def train(self, mode: bool = True) -> "RALDModel":
+        # Weights change hands between training and inference at a mode switch, so the bank is checked again.
+        self._bank_checked = False
+        return super().train(mode)
 
-        It contains the storage address and the in-place version counter of every parameter and buffer, so
-        an optimizer step, ``load_state_dict``, an in-place edit or a device move changes it. The tensor list
-        is kept between calls, because walking the module tree costs more than reading the counters.
+    def _weights_key(self) -> tuple:
+        """Return a key that changes whenever a weight the inference constants depend on changes.
+
+        It contains the storage address and the in-place version counter of every parameter and buffer
+        outside the backbone, and of the backbone's first and last parameters. So an optimizer step,
+        ``load_state_dict``, an in-place edit of the head or a device move changes it. The backbone's other
+        tensors are left out because the constants do not depend on them and reading their counters on every
+        call costs several percent of a small backbone's time at batch 1. The tensor list is kept between
+        calls, because walking the module tree costs more than reading the counters.
         """
         if self._tracked_tensors is None:
-            self._tracked_tensors = [*self.parameters(), *self.buffers()]
+            backbone = list(self.backbone.parameters())
+            backbone_ids = {id(tensor) for tensor in (*backbone, *self.backbone.buffers())}
+            head = [tensor for tensor in (*self.parameters(), *self.buffers()) if id(tensor) not in backbone_ids]
+            self._tracked_tensors = head + backbone[:1] + backbone[-1:]
             self._has_inference_tensors = any(tensor.is_inference() for tensor in self._tracked_tensors)
-        if self._has_inference_tensors:
-            # Tensors created under torch.inference_mode have no version counter.
-            # NOTE: in-place edits of such tensors are not detected (see clear_inference_cache).
-            return tuple(
-                (tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version)
-                for tensor in self._tracked_tensors
-            )
-        return tuple((tensor.data_ptr(), tensor._version) for tensor in self._tracked_tensors)
+        return _tensors_key(self._tracked_tensors, self._has_inference_tensors)
 
     def inference_constants(self, with_bank: bool) -> InferenceConstants:
         """Return the label tokens, LGIFO label keys and (``with_bank``) bank keys and values.
@@ -826,10 +845,18 @@ class RALDModel(RALDPreTrainedModel):
             ValueError: When ``with_bank`` and the bank was built with other backbone weights.
         """
         if self.training or torch.is_grad_enabled():
+            # The weights may change after this call (an optimizer step, updated batch-norm statistics).
+            self._bank_checked = False
+            if with_bank:
+                self._check_bank_fingerprint()
+                self._bank_checked = False
             return self._compute_constants(with_bank)
         key = (torch.is_inference_mode_enabled(), with_bank, self._weights_key())
         if self._constants is None or self._constants[0] != key:
+            self._bank_checked = False
             self._constants = (key, self._compute_constants(with_bank))
+        elif with_bank:
+            self._check_bank_fingerprint()
         return self._constants[1]
 
     def _compute_constants(self, with_bank: bool) -> InferenceConstants:
@@ -845,19 +872,27 @@ class RALDModel(RALDPreTrainedModel):
         return InferenceConstants(label_tokens=label_tokens, label_keys=label_keys, bank=bank)
 
     def _check_bank_fingerprint(self) -> None:
+        """Raise when the backbone no longer has the weights the reference bank was built with.
+
+        The check walks every backbone tensor, and recomputes the fingerprint only when one has changed. It
+        runs on the first evaluation call after a mode switch (``train()``, ``eval()``), a load, a device
+        move or a change of the tensors in `_weights_key`, and on every call with gradients or in training
+        mode. Other evaluation calls skip it.
+        """
         expected = self.config.reference_bank_fingerprint
-        if expected is None:
+        if expected is None or self._bank_checked:
             return
-        key = self._weights_key()
-        if self._fingerprint_checked == key:
-            return
-        if backbone_fingerprint(self.backbone) != expected:
-            raise ValueError(
-                "The reference bank was built with other backbone weights than the model now has, so its "
-                "features no longer match. Rebuild it with build_reference_bank, or pass "
-                "relation_mode='transductive'."
-            )
-        self._fingerprint_checked = key
+        tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
+        key = _tensors_key(tensors, any(tensor.is_inference() for tensor in tensors))
+        if key != self._backbone_key:
+            if backbone_fingerprint(self.backbone) != expected:
+                raise ValueError(
+                    "The reference bank was built with other backbone weights than the model now has, so its "
+                    "features no longer match. Rebuild it with build_reference_bank, or pass "
+                    "relation_mode='transductive'."
+                )
+            self._backbone_key = key
+        self._bank_checked = True
 
     def label_tokens(self) -> torch.Tensor:
         """Return the HLRR label tokens S̃ (C, D), cached in no-grad evaluation like all inference constants."""

@@ -58,7 +58,7 @@ def test_bare_config_has_no_labels():
         ("image_size", 0, "image_size must be a positive integer, got 0"),
         ("num_channels", 2.5, "num_channels must be a positive integer"),
         ("hidden_size", -8, "hidden_size must be a positive integer"),
-        ("num_attention_heads", 7, "hidden_size=256 must be divisible by num_attention_heads=7"),
+        ("num_attention_heads", 7, "hidden_size=128 must be divisible by num_attention_heads=7"),
         ("mlp_ratio", 0, "mlp_ratio must be > 0.0"),
         ("hidden_dropout_prob", 1.0, r"hidden_dropout_prob must be in \[0, 1\)"),
         ("attention_dropout_prob", -0.1, "attention_dropout_prob must be >= 0.0"),

@@ -143,6 +143,60 @@ def test_stale_bank_raises_until_rebuilt():
         assert model(tiny_images(2)).logits.shape == (2, 7)
 
 
+def _raises_stale_bank(model: RALDForImageClassification) -> bool:
+    try:
+        with torch.no_grad():
+            model(tiny_images(2))
+    except ValueError as error:
+        assert "reference bank was built with other backbone weights" in str(error)
+        return True
+    return False
+
+
+def test_bank_check_after_cached_calls():
+    model = _model_with_bank()
+    backbone = model.rald.backbone
+    inner = backbone.blocks[0][0].conv.weight
+    assert not _raises_stale_bank(model)  # fills the cache
+
+    # The first and last backbone parameters are part of the cache key.
+    with torch.no_grad():
+        backbone.conv_stem.weight.mul_(1.5)
+    assert _raises_stale_bank(model)
+    model.build_reference_bank(ImageList(tiny_images(40, seed=7), torch.arange(40) % 7), size=13)
+    assert not _raises_stale_bank(model)
+
+    # An inner weight is not, so an edit between two evaluation calls needs a mode switch or a cache clear.
+    with torch.no_grad():
+        inner.mul_(1.5)
+    assert not _raises_stale_bank(model)
+    model.eval()
+    assert _raises_stale_bank(model)
+    with torch.no_grad():
+        inner.div_(1.5)
+    model.rald.clear_inference_cache()
+    assert not _raises_stale_bank(model)
+
+
+def test_bank_check_eval_mode_step():
+    model = _model_with_bank()
+    inner = model.rald.backbone.blocks[0][0].conv.weight
+    optimizer = torch.optim.SGD([inner], lr=10.0)
+    assert not _raises_stale_bank(model)
+    # Training in evaluation mode (frozen batch norm), one step on an inner weight only, without a mode switch.
+    model(tiny_images(4), relation_mode="transductive").logits.square().sum().backward()
+    optimizer.step()
+    assert _raises_stale_bank(model)
+
+
+def test_bank_check_backbone_load():
+    model = _model_with_bank()
+    assert not _raises_stale_bank(model)
+    state = {name: tensor + 0.5 for name, tensor in model.rald.backbone.state_dict().items()}
+    model.rald.backbone.load_state_dict(state)
+    assert _raises_stale_bank(model)
+
+
 def test_bank_keys_cached_until_weights_change():
     model = _model_with_bank()
     with torch.no_grad():
