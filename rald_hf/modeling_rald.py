@@ -821,8 +821,8 @@ class RALDModel(RALDPreTrainedModel):
         """Return a key that changes whenever a weight the inference constants depend on changes.
 
         It contains the storage address and the in-place version counter of every parameter and buffer
-        outside the backbone, and of the backbone's first and last parameters. So an optimizer step,
-        ``load_state_dict``, an in-place edit of the head or a device move changes it. The backbone's other
+        outside the backbone, and of the backbone's first and last parameters. So an optimizer step on the
+        head, ``load_state_dict``, an in-place edit of the head or a device move changes it. The backbone's other
         tensors are left out because the constants do not depend on them and reading their counters on every
         call costs several percent of a small backbone's time at batch 1. The tensor list is kept between
         calls, because walking the module tree costs more than reading the counters.
@@ -845,12 +845,12 @@ class RALDModel(RALDPreTrainedModel):
             ValueError: When ``with_bank`` and the bank was built with other backbone weights.
         """
         if self.training or torch.is_grad_enabled():
-            # The weights may change after this call (an optimizer step, updated batch-norm statistics).
+            # Weights may have changed before such a call and may change after it (an optimizer step, batch-norm
+            # statistics), so the bank is checked in it and again in the next call.
             self._bank_checked = False
-            if with_bank:
-                self._check_bank_fingerprint()
-                self._bank_checked = False
-            return self._compute_constants(with_bank)
+            constants = self._compute_constants(with_bank)
+            self._bank_checked = False
+            return constants
         key = (torch.is_inference_mode_enabled(), with_bank, self._weights_key())
         if self._constants is None or self._constants[0] != key:
             self._bank_checked = False
