@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -188,6 +189,15 @@ def peak_memory(model_kind: str, args: argparse.Namespace, backbone: str) -> dic
     return json.loads(output.strip().splitlines()[-1])
 
 
+def machine_load(at_start: float) -> str:
+    """Describe the 1-minute load average at the start of the run and now, for the docs."""
+    return (
+        f"Load average over one minute at the start and the end: {at_start:.2f} and {os.getloadavg()[0]:.2f}. "
+        "The run itself adds about 1 to the figure at the end; more than that means other processes shared the "
+        "machine, which changes the batch-1 ratios most.\n\n"
+    )
+
+
 def head_sweep(args: argparse.Namespace) -> str:
     """Time RALD against the bare backbone at batch 1 for each head of `HEAD_SWEEP` and return a Markdown table."""
     backbone = args.sweep_backbone
@@ -238,6 +248,7 @@ def main() -> None:
     parser.add_argument("--memory-probe", choices=["rald", "bare"], help=argparse.SUPPRESS)
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     workdir = Path(__file__).resolve().parents[1] / "runs" / "throughput"
     workdir.mkdir(parents=True, exist_ok=True)
     if args.memory_probe:
@@ -250,6 +261,7 @@ def main() -> None:
         if args.write_docs:
             body = (
                 provenance()
+                + machine_load(load_at_start)
                 + f"{args.sweep_backbone}, inference at batch 1 in reference mode (bank of {args.bank_size} images), "
                 f"FG-Emotions labels, {args.repeats} paired repeats of at least {args.min_seconds} s per model.\n\n"
                 + table
@@ -311,6 +323,7 @@ def main() -> None:
     if args.write_docs:
         body = (
             provenance()
+            + machine_load(load_at_start)
             + f"{args.image_size} px images, FG-Emotions labels (41 label nodes), reference bank of {args.bank_size} "
             f"images, {args.repeats} paired repeats of at least {args.min_seconds} s per model.\n\n" + table
         )
