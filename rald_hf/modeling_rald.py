@@ -822,8 +822,8 @@ class RALDModel(RALDPreTrainedModel):
 
         It contains the storage address and the in-place version counter of every parameter and buffer
         outside the backbone, and of the backbone's first and last parameters. So an optimizer step on the
-        head, ``load_state_dict``, an in-place edit of the head or a device move changes it. The backbone's other
-        tensors are left out because the constants do not depend on them and reading their counters on every
+        head, ``load_state_dict``, an in-place edit of the head or a device move changes it. The backbone's
+        other tensors are left out: the constants do not depend on them, and reading their counters on every
         call costs several percent of a small backbone's time at batch 1. The tensor list is kept between
         calls, because walking the module tree costs more than reading the counters.
         """
