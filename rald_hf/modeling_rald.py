@@ -793,7 +793,7 @@ class RALDModel(RALDPreTrainedModel):
         """Drop the cached inference constants and bank check, so that the next call recomputes them.
 
         The cache notices optimizer steps, ``load_state_dict``, device moves and in-place edits of the head
-        by itself; see `_weights_key` and `_check_bank_fingerprint` for what each check covers. Call this
+        by itself. `_weights_key` and `_check_bank_fingerprint` describe what each check covers. Call this
         after edits that bypass version counters (through ``tensor.data``, or in place on weights created
         under ``torch.inference_mode``), and after in-place edits of inner backbone weights between two
         evaluation calls (weight averaging, ``copy_`` under ``torch.no_grad``).
