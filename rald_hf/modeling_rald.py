@@ -879,8 +879,11 @@ class RALDModel(RALDPreTrainedModel):
         move or a change of the tensors in `_weights_key`, and on every call with gradients or in training
         mode. Other evaluation calls skip it.
         """
+        # The flag is tested before the config field because every evaluation call with a bank passes here.
+        if self._bank_checked:
+            return
         expected = self.config.reference_bank_fingerprint
-        if expected is None or self._bank_checked:
+        if expected is None:
             return
         tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
         key = _tensors_key(tensors, any(tensor.is_inference() for tensor in tensors))
