@@ -107,6 +107,12 @@ def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.view(length, num_heads, width // num_heads).transpose(0, 1)  # (L, D) -> (H, L, Dh)
 
 
+def _split_fused_heads(x: torch.Tensor, num_heads: int, parts: int) -> tuple[torch.Tensor, ...]:
+    """Split the output of a fused projection (L, parts * D) into ``parts`` tensors, each (H, L, Dh)."""
+    length, width = x.shape
+    return x.view(length, parts, num_heads, width // (parts * num_heads)).permute(1, 2, 0, 3).unbind(0)
+
+
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     num_heads, length, head_width = x.shape
     return x.transpose(0, 1).reshape(length, num_heads * head_width)  # (H, L, Dh) -> (L, D)
@@ -269,13 +275,14 @@ class RALDLayer(nn.Module):
     def forward_eval(self, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Compute `forward` without context, for evaluation calls without gradients.
 
-        Dropout is the identity in evaluation, so this skips the dropout modules and calls the attention's
-        and the feed-forward network's layers directly. The result is the same, with seven fewer module
-        calls per block: at batch 1 after a small backbone, that overhead is measurable. The linear layers
-        are still called as modules, so hooks and adapters on them keep working.
+        Dropout is the identity in evaluation, so this skips the dropout modules, the identity that stands
+        for ``norm1`` in post-norm blocks, and the wrappers around the attention's and the feed-forward
+        network's layers. The result is the same with less than half the module calls per block: at batch 1
+        after a small backbone, each call costs a measurable share. The linear layers are still called as
+        modules, so hooks and adapters on them keep working.
         """
         attention, mlp = self.attention, self.mlp
-        attended, scores = attention.attend(self.norm1(x), **kwargs)
+        attended, scores = attention.attend(self.norm1(x) if self.norm_first else x, **kwargs)
         attended = attention.proj(attended)
         hidden = x + attended if self.residual else attended
 
@@ -333,13 +340,15 @@ class ImageRelationAttention(nn.Module):
             The heads' outputs, merged to shape (N, D), and the scores (N, H, K), or ``None`` in self mode
             without ``need_scores``.
         """
-        q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # 3 x (H, N, Dh)
+        q, k, v = _split_fused_heads(self.qkv(x), self.num_heads, 3)  # 3 x (H, N, Dh)
 
         if mode == "reference":
             bank_keys, bank_values = bank  # (H, Dh, M), (H, M, Dh)
             self_scores = (q * k).sum(-1, keepdim=True) * self.scale  # (H, N, 1)
             scores = torch.cat([self_scores, q @ bank_keys], dim=-1)  # (H, N, 1 + M)
-            probs = self.attention_dropout(scores.softmax(dim=-1))
+            probs = scores.softmax(dim=-1)
+            if self.training:
+                probs = self.attention_dropout(probs)
             out = torch.baddbmm(probs[..., :1] * v, probs[..., 1:], bank_values)  # self term + bank terms
         elif mode == "self":
             # Softmax over a single key is 1, so each image's output is its own value.
@@ -361,8 +370,7 @@ class ImageRelationAttention(nn.Module):
         """
         dim = self.proj.in_features
         keys_values = F.linear(tokens, self.qkv.weight[dim:], self.qkv.bias[dim:])  # (K, 2D)
-        keys, values = keys_values.chunk(2, dim=-1)
-        return _split_heads(keys, self.num_heads), _split_heads(values, self.num_heads)
+        return _split_fused_heads(keys_values, self.num_heads, 2)
 
 
 class LabelRelationAttention(nn.Module):
@@ -380,7 +388,7 @@ class LabelRelationAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, None]:
-        q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # 3 x (H, C, Dh)
+        q, k, v = _split_fused_heads(self.qkv(x), self.num_heads, 3)  # 3 x (H, C, Dh)
         out = F.scaled_dot_product_attention(
             q,
             k,
