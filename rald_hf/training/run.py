@@ -323,7 +323,8 @@ def train_rald(
     )
     if scored is not None:
         # Every process takes part in predict; only the main process writes files.
-        result.metrics, result.files = _score(trainer, scored, space, output_dir, tsne=tsne, write=main_process)
+        target = output_dir if main_process else None
+        result.metrics, result.files = _score(trainer, scored, space, target, tsne=tsne)
         result.metrics["split"] = scored_name
         result.metrics["train_seconds"] = round(train_seconds, 1)
         if main_process:
@@ -335,11 +336,15 @@ def _score(
     trainer: RALDTrainer,
     dataset: Any,
     space: LabelSpace,
-    output_dir: Path,
+    output_dir: Path | None,
     tsne: bool = False,
     prefix: str = "",
-    write: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Predict a prepared split and compute its metrics. With ``output_dir``, also save the plots there.
+
+    Returns the metrics and the paths of the output files: the plots, saved here, and the metrics file,
+    which the caller writes once it has added its own fields.
+    """
     prediction = trainer.predict(dataset, metric_key_prefix="test")
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     predictions = np.argmax(logits, axis=-1)
@@ -347,7 +352,7 @@ def _score(
     trainer.model.eval()
     metrics["relation_mode"] = trainer.model.rald.resolve_relation_mode()
     metrics["num_images"] = int(len(predictions))
-    if not write:
+    if output_dir is None:
         return metrics, {}
     files = {
         "metrics": output_dir / f"{prefix}metrics.json",
@@ -453,11 +458,10 @@ def evaluate_checkpoint(
             disable_tqdm=not progress,
         )
         trainer = RALDTrainer(model=model, args=args, processing_class=processor)
-        target = Path(output_dir) if output_dir is not None else Path(scratch)
-        target.mkdir(parents=True, exist_ok=True)
-        metrics, _ = _score(
-            trainer, splits.validation, space, target, tsne=tsne, prefix=f"{split}_", write=output_dir is not None
-        )
+        if output_dir is not None:
+            output_dir = Path(output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+        metrics, _ = _score(trainer, splits.validation, space, output_dir, tsne=tsne, prefix=f"{split}_")
     metrics["split"] = split
     metrics["shuffled"] = shuffle
     metrics["batch_size"] = batch_size
