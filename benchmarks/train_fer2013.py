@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from rald_hf.training import evaluate_checkpoint, train_rald
 
@@ -172,6 +173,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         "test_accuracy_default_mode": result.metrics["accuracy"],
         "default_mode": result.metrics["relation_mode"],
         "train_seconds": result.train_seconds,
+        "torch_threads": torch.get_num_threads(),
         "settings": {
             "backbone": args.backbone,
             "pretrained": args.pretrained,
@@ -313,6 +315,15 @@ def docs_body(records: list[dict[str, Any]], tag: str, table: str) -> str:
         f"--augmentation {settings['augmentation']}{optimizer_options} --seeds {seeds} --variants {variants}"
     )
     seconds = [r["train_seconds"] for r in rows]
+    # The machine line names the threads of the process that writes the table, so each run records its own.
+    threads = sorted({r["torch_threads"] for r in rows if "torch_threads" in r})
+    recorded = sum("torch_threads" in r for r in rows)
+    threads_line = ""
+    if recorded:
+        threads_line = f"- torch threads per training run: {', '.join(map(str, threads))}"
+        if recorded < len(rows):
+            threads_line += f" (recorded by {recorded} of {len(rows)} runs; older records do not store it)"
+        threads_line += "\n"
     return (
         f"Training command (the table lists which seed of each variant ran): `{train_command}`\n\n"
         + provenance("Table written by")
@@ -324,7 +335,7 @@ def docs_body(records: list[dict[str, Any]], tag: str, table: str) -> str:
         f"- optimizer: {OPTIMIZER_NAMES[optimizer]} at {settings['learning_rate']:g} with cosine decay, "
         f"weight decay {weight_decay:g}\n"
         f"- time: {np.median(seconds):.0f} s per run (median of {len(seconds)}; wall time, with other runs "
-        "sharing the machine)\n\n" + table
+        f"sharing the machine)\n{threads_line}\n" + table
     )
 
 
