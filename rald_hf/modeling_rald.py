@@ -275,8 +275,8 @@ class RALDLayer(nn.Module):
     def forward_eval(self, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Compute `forward` without context, for evaluation calls without gradients.
 
-        Dropout is the identity in evaluation, so this skips the dropout modules, the identity that stands
-        for ``norm1`` in post-norm blocks, and the wrappers around the attention's and the feed-forward
+        Dropout is the identity in evaluation, so this skips the dropout modules, the identity module that
+        replaces ``norm1`` in post-norm blocks, and the wrappers around the attention's and the feed-forward
         network's layers. The result is the same with less than half the module calls per block: at batch 1
         after a small backbone, each call costs a measurable share. The linear layers are still called as
         modules, so hooks and adapters on them keep working.
