@@ -7,11 +7,13 @@ cross-entropy. Each repeat times both models back to back, alternating which goe
 this shared machine hits both alike; the table gives the median over repeats, the interquartile range and
 the median of the per-repeat ratios. Memory (resident set size) comes from a fresh process per model. The
 script measures on the CPU only. With --head-sweep it instead times batch 1 for several head sizes and
-image sizes of one backbone, to show where the cost of the head comes from.
+image sizes of one backbone, and with --head-parts each part of the default head, to show where the cost of
+the head comes from.
 
 Usage:
     python benchmarks/throughput.py --backbones resnet18 mobilenetv2_100 --write-docs
     python benchmarks/throughput.py --head-sweep --repeats 9 --write-docs
+    python benchmarks/throughput.py --head-parts --repeats 5 --write-docs
 """
 
 from __future__ import annotations
@@ -225,6 +227,73 @@ def head_sweep(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def head_parts(args: argparse.Namespace) -> str:
+    """Time each part of the default head at batch 1, hot and right after a backbone call, as a Markdown table.
+
+    "Hot" repeats the part in a loop. "After the backbone" runs the bare backbone before every call of the part
+    and times the part alone, as it runs inside a real forward pass, where the backbone has just replaced the
+    head's code and data in the processor caches.
+    """
+    backbone = args.sweep_backbone
+    image_size = args.image_size
+    rald, bare = build_rald(backbone, image_size, args.bank_size).eval(), build_bare(backbone).eval()
+    model = rald.rald
+    images = torch.randn(1, 3, image_size, image_size)
+    with torch.inference_mode():
+        features = model.extract_backbone_features(images)
+        tokens = model.embed_features(features)
+        constants = model.inference_constants(with_bank=True)
+        hidden = model.itrr.mlp.fc1(tokens)
+    extract_backbone_features = model.extract_backbone_features
+    backbones = {
+        "bare backbone with its classifier": lambda: bare(images),
+        "RALD's backbone and pooling": lambda: extract_backbone_features(images),
+    }
+    parts: list[tuple[str, Callable[[], Any]]] = [
+        ("whole head: RALD with the backbone features given", lambda: rald(images)),
+        ("weight check of the inference cache", lambda: model.inference_constants(with_bank=True)),
+        ("image projection", lambda: model.embed_features(features)),
+        (
+            "ITRR block (reference mode)",
+            lambda: model.itrr.forward_eval(tokens, mode="reference", bank=constants.bank, need_scores=False),
+        ),
+        (
+            "LGIFO block",
+            lambda: model.lgifo.forward_eval(tokens, labels=constants.label_tokens, label_keys=constants.label_keys),
+        ),
+        ("classifier", lambda: rald.classifier(tokens)),
+        (f"exact GELU of one {hidden.shape[1]}-wide row", lambda: model.itrr.mlp.act(hidden)),
+    ]
+    # For timing the head alone, an instance attribute replaces the backbone call of this one model.
+    model.extract_backbone_features = lambda pixel_values: features
+    hot: dict[str, list[float]] = {name: [] for name, _ in parts}
+    cold: dict[str, list[float]] = {name: [] for name, _ in parts}
+    backbone_ms: dict[str, list[float]] = {name: [] for name in backbones}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for name, function in backbones.items():
+                backbone_ms[name].append(time_calls(function, args.min_seconds) * 1e3)
+            for name, function in parts:
+                hot[name].append(time_calls(function, args.min_seconds / 4) * 1e6)
+                samples = []
+                for _ in range(50):
+                    bare(images)
+                    start = time.perf_counter()
+                    function()
+                    samples.append(time.perf_counter() - start)
+                cold[name].append(float(np.median(samples)) * 1e6)
+    lines = [
+        "| part | hot loop, µs per call | right after the backbone, µs per call | slowdown |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, _ in parts:
+        hot_us, cold_us = np.median(hot[name]), np.median(cold[name])
+        lines.append(f"| {name} | {hot_us:.0f} | {cold_us:.0f} | {cold_us / hot_us:.1f}x |")
+        print(lines[-1], flush=True)
+    timings = ", ".join(f"{name} {np.median(ms):.2f} ms" for name, ms in backbone_ms.items())
+    return f"For scale, per call in a hot loop: {timings}.\n\n" + "\n".join(lines) + "\n"
+
+
 def describe(rates: np.ndarray) -> str:
     low, median, high = np.percentile(rates, [25, 50, 75])
     return f"{median:.1f} ({low:.1f} to {high:.1f})"
@@ -244,6 +313,11 @@ def main() -> None:
         action="store_true",
         help="instead of the main tables, time batch 1 for several head sizes and image sizes of --sweep-backbone",
     )
+    parser.add_argument(
+        "--head-parts",
+        action="store_true",
+        help="instead of the main tables, time each part of the default head of --sweep-backbone at batch 1",
+    )
     parser.add_argument("--sweep-backbone", default="mobilenetv2_100")
     parser.add_argument("--memory-probe", choices=["rald", "bare"], help=argparse.SUPPRESS)
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
@@ -256,17 +330,23 @@ def main() -> None:
             args.memory_probe, args.backbones[0], args.image_size, args.train_batch_size, args.bank_size, str(workdir)
         )
         return
-    if args.head_sweep:
-        table = head_sweep(args)
-        if args.write_docs:
-            body = (
-                provenance()
-                + machine_load(load_at_start)
-                + f"{args.sweep_backbone}, inference at batch 1 in reference mode (bank of {args.bank_size} images), "
+    if args.head_sweep or args.head_parts:
+        if args.head_sweep:
+            table, section = head_sweep(args), "throughput-heads"
+            setup = (
+                f"{args.sweep_backbone}, inference at batch 1 in reference mode (bank of {args.bank_size} images), "
                 f"FG-Emotions labels, {args.repeats} paired repeats of at least {args.min_seconds} s per model.\n\n"
-                + table
             )
-            print(f"Wrote {write_section('throughput-heads', body)}")
+        else:
+            table, section = head_parts(args), "throughput-head-parts"
+            setup = (
+                f"{args.sweep_backbone} at {args.image_size} px, batch 1, default head, reference mode (bank of "
+                f"{args.bank_size} images), FG-Emotions labels. Each figure is the median over {args.repeats} "
+                "repeats; a repeat times a hot loop and 50 calls each preceded by one call of the bare backbone.\n\n"
+            )
+        if args.write_docs:
+            body = provenance() + machine_load(load_at_start) + setup + table
+            print(f"Wrote {write_section(section, body)}")
         return
 
     rows = []
