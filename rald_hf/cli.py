@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-train-samples", type=_positive_int, help="train on a stratified subset of this many images"
     )
     train.add_argument(
-        "--max-eval-samples", type=_positive_int, help="evaluate on stratified subsets of this many images"
+        "--max-eval-samples",
+        type=_positive_int,
+        help="score stratified subsets of this many validation and test images",
     )
     train.add_argument("--train-split", default="train", help="name of the training split")
     train.add_argument("--validation-split", default="validation", help="split that selects the best checkpoint")

@@ -326,6 +326,14 @@ def test_missing_backbone_weights_file(faces, tmp_path, caplog):
     assert "Backbone weights file /nope.safetensors not found" in caplog.text
 
 
+def test_failed_start_leaves_no_output_folder(tmp_path, caplog):
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", str(tmp_path / "nope"), "--output-dir", str(output), *TINY_TRAIN])
+    assert "nope not found" in caplog.text
+    assert not output.exists()
+
+
 def test_explicit_missing_validation_split(faces, tmp_path, caplog):
     with pytest.raises(SystemExit):
         main(

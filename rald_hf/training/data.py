@@ -61,8 +61,10 @@ def load_image_dataset(source: str | Path) -> DatasetDict:
             loaded = load_from_disk(str(path))
             return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
         return load_dataset(str(path))
-    if path.exists() or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"Dataset folder {source} not found (a file is not a dataset; pass its folder)")
+    if path.exists():
+        raise ValueError(f"Dataset path {source} is a file; pass the folder that contains the dataset ({path.parent})")
+    if str(source).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"Dataset folder {source} not found; check the path, or pass a Hub dataset id")
     return load_dataset(str(source))
 
 

@@ -197,7 +197,6 @@ def train_rald(
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be at least 0 and below 1, got {validation_fraction}")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     args = _training_arguments(output_dir, training_args)
     # A preset or tree file is checked before the dataset loads, which may take long.
     space = resolve_label_space(label_space) if label_space is not None else None
@@ -231,6 +230,8 @@ def train_rald(
         else:
             logger.warning("The dataset has neither a 'test' nor a 'validation' split; nothing will be scored")
         test_split = None
+    # Created once the data is known to load, so that a failed start leaves no empty folder behind.
+    output_dir.mkdir(parents=True, exist_ok=True)
 
     if space is None:
         space = resolve_label_space(None, dataset)

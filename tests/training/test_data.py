@@ -73,6 +73,13 @@ def test_missing_folder_raises(tmp_path):
         load_image_dataset(tmp_path / "nope")
 
 
+def test_file_path_names_its_folder(tmp_path):
+    file = tmp_path / "train.parquet"
+    file.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"is a file; pass the folder that contains the dataset \\({tmp_path}\\)"):
+        load_image_dataset(file)
+
+
 def test_labels_map_by_name_not_index(image_folder):
     dataset = load_image_dataset(image_folder)
     space = LabelSpace.from_preset("rafdb")  # surprise, fear, disgust, happiness, sadness, anger, neutral
