@@ -334,6 +334,13 @@ def test_failed_start_leaves_no_output_folder(tmp_path, caplog):
     assert not output.exists()
 
 
+def test_evaluate_checks_dataset_first(tmp_path, caplog):
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tmp_path / "nothere"), "--dataset", str(tmp_path / "nope"), "--no-progress"])
+    assert "nope not found" in caplog.text
+    assert "Checkpoint" not in caplog.text
+
+
 def test_explicit_missing_validation_split(faces, tmp_path, caplog):
     with pytest.raises(SystemExit):
         main(

@@ -230,7 +230,7 @@ def train_rald(
         else:
             logger.warning("The dataset has neither a 'test' nor a 'validation' split; nothing will be scored")
         test_split = None
-    # Created once the data is known to load, so that a failed start leaves no empty folder behind.
+    # The folder is created only once the data has loaded, so that a failed start leaves no empty folder.
     output_dir.mkdir(parents=True, exist_ok=True)
 
     if space is None:
@@ -422,12 +422,13 @@ def evaluate_checkpoint(
     """
     if tsne and output_dir is None:
         raise ValueError("tsne=True writes tsne.png, so it needs an output_dir (rald-hf: --output-dir)")
+    # The dataset loads first, so that a wrong path fails before the model is read.
+    if not isinstance(dataset, DatasetDict):
+        dataset = load_image_dataset(dataset)
     model = load_checkpoint(checkpoint)
     if relation_mode is not None:
         model.config.inference_relation_mode = relation_mode
     processor = _load_processor(checkpoint, model)
-    if not isinstance(dataset, DatasetDict):
-        dataset = load_image_dataset(dataset)
     space = LabelSpace.from_config(model.config)
     try:
         splits = prepare_splits(
