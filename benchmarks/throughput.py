@@ -228,7 +228,7 @@ def head_sweep(args: argparse.Namespace) -> str:
 
 
 def head_parts(args: argparse.Namespace) -> str:
-    """Time each part of the default head at batch 1, hot and right after a backbone call, as a Markdown table.
+    """Time each part of the default head at batch 1, hot and right after a backbone call, in a Markdown table.
 
     "Hot" repeats the part in a loop. "After the backbone" runs the bare backbone before every call of the part
     and times the part alone, as it runs inside a real forward pass, where the backbone has just replaced the
@@ -342,7 +342,7 @@ def main() -> None:
             setup = (
                 f"{args.sweep_backbone} at {args.image_size} px, batch 1, default head, reference mode (bank of "
                 f"{args.bank_size} images), FG-Emotions labels. Each figure is the median over {args.repeats} "
-                "repeats; a repeat times a hot loop and 50 calls each preceded by one call of the bare backbone.\n\n"
+                "repeats. Each repeat times a hot loop and 50 calls each preceded by one call of the bare backbone.\n\n"
             )
         if args.write_docs:
             body = provenance() + machine_load(load_at_start) + setup + table

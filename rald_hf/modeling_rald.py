@@ -278,7 +278,7 @@ class RALDLayer(nn.Module):
         Dropout is the identity in evaluation, so this skips the dropout modules, the identity module that
         replaces ``norm1`` in post-norm blocks, and the wrappers around the attention's and the feed-forward
         network's layers. The result is the same with less than half the module calls per block: at batch 1
-        after a small backbone, each call costs a measurable share. The linear layers are still called as
+        after a small backbone, each module call adds measurable time. The linear layers are still called as
         modules, so hooks and adapters on them keep working.
         """
         attention, mlp = self.attention, self.mlp

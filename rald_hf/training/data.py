@@ -62,9 +62,9 @@ def load_image_dataset(source: str | Path) -> DatasetDict:
             return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
         return load_dataset(str(path))
     if path.exists():
-        raise ValueError(f"Dataset path {source} is a file; pass the folder that contains the dataset ({path.parent})")
+        raise ValueError(f"Dataset path {source} is a file. Pass the folder that contains the dataset ({path.parent})")
     if str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"Dataset folder {source} not found; check the path, or pass a Hub dataset id")
+        raise FileNotFoundError(f"Dataset folder {source} not found. Check the path, or pass a Hub dataset id")
     return load_dataset(str(source))
 
 

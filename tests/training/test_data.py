@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +75,11 @@ def test_missing_folder_raises(tmp_path):
 
 
 def test_file_path_names_its_folder(tmp_path):
-    file = tmp_path / "train.parquet"
-    file.write_bytes(b"")
-    with pytest.raises(ValueError, match=f"is a file; pass the folder that contains the dataset \\({tmp_path}\\)"):
-        load_image_dataset(file)
+    parquet_file = tmp_path / "train.parquet"
+    parquet_file.write_bytes(b"")
+    expected = f"is a file. Pass the folder that contains the dataset ({tmp_path})"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load_image_dataset(parquet_file)
 
 
 def test_labels_map_by_name_not_index(image_folder):
