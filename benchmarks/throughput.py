@@ -259,7 +259,12 @@ def head_parts(args: argparse.Namespace) -> str:
         ),
         (
             "LGIFO block",
-            lambda: model.lgifo.forward_eval(tokens, labels=constants.label_tokens, label_keys=constants.label_keys),
+            lambda: model.lgifo.forward_eval(
+                tokens,
+                labels=constants.label_tokens,
+                label_keys=constants.label_keys,
+                folded=constants.label_attention,
+            ),
         ),
         ("classifier", lambda: rald.classifier(tokens)),
         (f"exact GELU of one {hidden.shape[1]}-wide row", lambda: model.itrr.mlp.act(hidden)),

@@ -118,6 +118,11 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(length, num_heads * head_width)  # (H, L, Dh) -> (L, D)
 
 
+def _is_plain_linear(module: nn.Module) -> bool:
+    """Return whether ``module`` is an ``nn.Linear`` without hooks of its own, so its weights may be used directly."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 def hierarchy_buckets(distances: list[list[int]], sigma: int) -> tuple[list[list[int]], int]:
     """Turn tree distances into indices of the bias table.
 
@@ -140,12 +145,15 @@ class InferenceConstants:
     Args:
         label_tokens: HLRR output S̃, shape (C, D).
         label_keys: LGIFO keys of the label tokens, shape (H, C, Dh), or ``None`` without LGIFO.
+        label_attention: LGIFO's query and output projections folded into the label keys and values, as
+            `LabelGuidedAttention.fold_labels` returns them, or ``None`` without LGIFO.
         bank: ITRR keys of the reference bank, transposed and multiplied by the attention scale (H, Dh, M),
             and its values (H, M, Dh). ``None`` outside reference mode.
     """
 
     label_tokens: torch.Tensor
     label_keys: torch.Tensor | None
+    label_attention: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     bank: tuple[torch.Tensor, torch.Tensor] | None
 
 
@@ -277,13 +285,13 @@ class RALDLayer(nn.Module):
 
         Dropout is the identity in evaluation, so this skips the dropout modules, the identity module that
         replaces ``norm1`` in post-norm blocks, and the wrappers around the attention's and the feed-forward
-        network's layers. The result is the same with less than half the module calls per block: at batch 1
-        after a small backbone, each module call adds measurable time. The linear layers are still called as
-        modules, so hooks and adapters on them keep working.
+        network's layers, and runs the attention's own ``forward_eval``. The result is the same with less
+        than half the module calls per block: at batch 1 after a small backbone, each call adds measurable
+        time. The feed-forward network's linear layers are still called as modules, so hooks and adapters on
+        them keep working.
         """
-        attention, mlp = self.attention, self.mlp
-        attended, scores = attention.attend(self.norm1(x) if self.norm_first else x, **kwargs)
-        attended = attention.proj(attended)
+        mlp = self.mlp
+        attended, scores = self.attention.forward_eval(self.norm1(x) if self.norm_first else x, **kwargs)
         hidden = x + attended if self.residual else attended
 
         if self.norm_first:
@@ -315,6 +323,11 @@ class ImageRelationAttention(nn.Module):
         """Attend as `attend` does (same arguments), then apply the output projection and its dropout."""
         out, scores = self.attend(x, context, **kwargs)
         return self.proj_dropout(self.proj(out)), scores
+
+    def forward_eval(self, x: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend as `attend` does, then apply the output projection, for evaluation calls where dropout is off."""
+        out, scores = self.attend(x, **kwargs)
+        return self.proj(out), scores
 
     def attend(
         self,
@@ -419,6 +432,57 @@ class LabelGuidedAttention(nn.Module):
         """Attend as `attend` does, then apply the output projection and its dropout."""
         out, _ = self.attend(x, labels, label_keys)
         return self.proj_dropout(self.proj(out)), None
+
+    def forward_eval(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        label_keys: torch.Tensor | None = None,
+        folded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """Compute `forward` for evaluation, where dropout is off.
+
+        With ``folded`` (from `fold_labels`) and plain linear layers, the query projection, the attention and
+        the output projection take two matrix products and a softmax. With hooks on ``q`` or ``proj``, or
+        with other modules in their place (adapters), the layers are called as modules.
+        """
+        if folded is not None and _is_plain_linear(self.q) and _is_plain_linear(self.proj):
+            score_weight, score_bias, projected_values = folded
+            probs = F.linear(x, score_weight, score_bias).view(len(x), self.num_heads, -1).softmax(dim=-1)
+            return torch.addmm(self.proj.bias, probs.view(len(x), -1), projected_values), None  # (N, D)
+        out, _ = self.attend(x, labels, label_keys)
+        return self.proj(out), None
+
+    def fold_labels(
+        self, labels: torch.Tensor, label_keys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fold the query and output projections into the label keys and values.
+
+        The scores of head h, ``scale * (W_q x + b_q)_h · k_hc``, are linear in the image token x, and the
+        projected output ``W_o [Σ_c p_hc v_hc]_h`` is linear in the attention weights p. With label tokens that
+        do not depend on the images, both maps can be computed once.
+
+        Args:
+            labels: Label tokens (C, D), which are also the values.
+            label_keys: Their keys (H, C, Dh).
+
+        Returns:
+            Score weights (H * C, D) and biases (H * C,), so that the scores of all heads are one linear map of
+            x, and the values after the output projection (H * C, D), without the projection's bias.
+        """
+        num_heads, count, head_width = label_keys.shape
+        dim = labels.shape[1]
+        query_weight = self.q.weight.view(num_heads, head_width, dim)
+        query_bias = self.q.bias.view(num_heads, head_width)
+        score_weight = torch.einsum("hcd,hde->hce", label_keys, query_weight) * self.scale  # (H, C, D)
+        score_bias = torch.einsum("hcd,hd->hc", label_keys, query_bias) * self.scale  # (H, C)
+        output_weight = self.proj.weight.view(dim, num_heads, head_width)
+        projected_values = torch.einsum("hcd,ehd->hce", _split_heads(labels, num_heads), output_weight)  # (H, C, D)
+        return (
+            score_weight.reshape(num_heads * count, dim),
+            score_bias.reshape(num_heads * count),
+            projected_values.reshape(num_heads * count, dim),
+        )
 
     def attend(
         self, x: torch.Tensor, labels: torch.Tensor, label_keys: torch.Tensor | None = None
@@ -847,7 +911,8 @@ class RALDModel(RALDPreTrainedModel):
         """Return the label tokens, LGIFO label keys and (``with_bank``) bank keys and values.
 
         None of them depends on the images, so in evaluation-mode calls without gradients they are computed
-        once and reused until a weight changes (see `_weights_key`).
+        once, with LGIFO's projections folded in (``label_attention``), and reused until a weight changes (see
+        `_weights_key`).
 
         Raises:
             ValueError: When ``with_bank`` and the bank was built with other backbone weights.
@@ -869,7 +934,11 @@ class RALDModel(RALDPreTrainedModel):
 
     def _compute_constants(self, with_bank: bool) -> InferenceConstants:
         label_tokens = self.label_encoder()  # (C, D)
-        label_keys = None if self.lgifo is None else self.lgifo.attention.project_keys(label_tokens)
+        label_keys = label_attention = None
+        if self.lgifo is not None:
+            label_keys = self.lgifo.attention.project_keys(label_tokens)
+            if not self.training and not torch.is_grad_enabled():  # only the evaluation path uses the fold
+                label_attention = self.lgifo.attention.fold_labels(label_tokens, label_keys)
         bank = None
         if with_bank:
             self._check_bank_fingerprint()
@@ -877,7 +946,9 @@ class RALDModel(RALDPreTrainedModel):
             keys, values = self.itrr.project_context(bank_tokens)  # 2 x (H, M, Dh)
             # Scaled and transposed once here rather than in every forward call.
             bank = ((keys * self.itrr.attention.scale).transpose(-2, -1).contiguous(), values)
-        return InferenceConstants(label_tokens=label_tokens, label_keys=label_keys, bank=bank)
+        return InferenceConstants(
+            label_tokens=label_tokens, label_keys=label_keys, label_attention=label_attention, bank=bank
+        )
 
     def _check_bank_fingerprint(self) -> None:
         """Raise when the backbone no longer has the weights the reference bank was built with.
@@ -995,7 +1066,10 @@ class RALDModel(RALDPreTrainedModel):
         if self.lgifo is not None:
             if evaluating:
                 guided_tokens, _ = self.lgifo.forward_eval(
-                    related_tokens, labels=label_tokens, label_keys=constants.label_keys
+                    related_tokens,
+                    labels=label_tokens,
+                    label_keys=constants.label_keys,
+                    folded=constants.label_attention,
                 )
             else:
                 guided_tokens, _ = self.lgifo(related_tokens, label_tokens, label_keys=constants.label_keys)

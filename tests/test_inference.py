@@ -59,6 +59,28 @@ def test_evaluation_path_matches_module_path(mode, overrides, monkeypatch):
         torch.testing.assert_close(short_state, full_state.detach(), rtol=0, atol=1e-6)
 
 
+def test_folded_label_attention_matches_and_yields_to_hooks():
+    model = _model_with_bank()
+    attention = model.rald.lgifo.attention
+    images = tiny_images(7)
+    with torch.no_grad():
+        folded_logits = model(images).logits
+        assert model.rald.inference_constants(with_bank=True).label_attention is not None
+    torch.testing.assert_close(folded_logits, model(images).logits.detach(), rtol=0, atol=1e-6)
+
+    # A hook on a folded layer must run, so the evaluation path calls that layer as a module again.
+    calls = []
+    handle = attention.proj.register_forward_hook(lambda module, args, output: calls.append(1) or 2 * output)
+    with torch.no_grad():
+        hooked = model(images).logits
+    assert len(calls) == 1
+    torch.testing.assert_close(hooked, model(images).logits.detach(), rtol=0, atol=1e-6)
+    assert (hooked - folded_logits).abs().max() > 1e-4
+    handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images).logits, folded_logits, rtol=0, atol=0)
+
+
 def test_model_built_under_inference_mode():
     # Inference tensors carry no version counter, yet caching and reloading must still work.
     other = _model_with_bank()
