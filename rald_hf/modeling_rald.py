@@ -446,6 +446,7 @@ class LabelGuidedAttention(nn.Module):
         the output projection take two matrix products and a softmax. With hooks on ``q`` or ``proj``, or
         with other modules in their place (adapters), the layers are called as modules.
         """
+        # NOTE: hooks registered for all modules (register_module_forward_hook) do not see the folded layers.
         if folded is not None and _is_plain_linear(self.q) and _is_plain_linear(self.proj):
             score_weight, score_bias, projected_values = folded
             probs = F.linear(x, score_weight, score_bias).view(len(x), self.num_heads, -1).softmax(dim=-1)
