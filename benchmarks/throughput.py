@@ -1,19 +1,22 @@
-"""Speed and memory of RALD against the bare timm backbone, measured side by side in one process.
+"""Speed and memory of RALD against the bare timm backbone, measured side by side in one process per backbone.
 
 Inference: images per second of RALD in reference mode (the batch-independent default once a bank exists)
 and of the same timm backbone with its own classifier, at batch 1 and 64. Training: optimizer steps per
 second of RALD with NNLDL (RALDTrainer.compute_loss) against the backbone with a linear head and
 cross-entropy. Each repeat times both models back to back, alternating which goes first, so that load on
 this shared machine hits both alike; the table gives the median over repeats, the interquartile range and
-the median of the per-repeat ratios. Memory (resident set size) comes from a fresh process per model. The
+the median of the per-repeat ratios. Each backbone is timed in a fresh process, so that the order of the
+backbones does not matter. Memory (resident set size) comes from a fresh process per model. The
 script measures on the CPU only. With --head-sweep it instead times batch 1 for several head sizes and
 image sizes of one backbone, and with --head-parts each part of the default head, to show where the cost of
-the head comes from.
+the head comes from. With --processes it times the batch-1 ratio of the default head in several fresh
+processes, because the readings of separate runs differ by more than the spread within one run.
 
 Usage:
     python benchmarks/throughput.py --backbones resnet18 mobilenetv2_100 --write-docs
     python benchmarks/throughput.py --head-sweep --repeats 9 --write-docs
     python benchmarks/throughput.py --head-parts --repeats 5 --write-docs
+    python benchmarks/throughput.py --processes 8 --repeats 9 --write-docs
 """
 
 from __future__ import annotations
@@ -137,6 +140,42 @@ def training_function(model: torch.nn.Module, batch: int, image_size: int, workd
     return step
 
 
+def backbone_rates(args: argparse.Namespace, backbone: str, workdir: Path) -> list[tuple[str, str, list, list]]:
+    """Time RALD and the bare backbone at each batch size and for a training step; return the rates per repeat.
+
+    Returns:
+        Rows of (backbone, measurement, RALD rates, bare backbone rates), the rates in images per second.
+    """
+    rald, bare = build_rald(backbone, args.image_size, args.bank_size), build_bare(backbone)
+    rows = []
+    for batch in args.batch_sizes:
+        first = inference_function(rald, batch, args.image_size)
+        second = inference_function(bare, batch, args.image_size)
+        rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, batch)
+        rows.append((backbone, f"inference, batch {batch}", rald_rates.tolist(), bare_rates.tolist()))
+    first = training_function(rald, args.train_batch_size, args.image_size, workdir)
+    second = training_function(bare, args.train_batch_size, args.image_size, workdir)
+    rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, args.train_batch_size)
+    rows.append((backbone, f"training step, batch {args.train_batch_size}", rald_rates.tolist(), bare_rates.tolist()))
+    return rows
+
+
+def fresh_process_rates(args: argparse.Namespace, backbone: str) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """Run `backbone_rates` for one backbone in a fresh process, so that no other model's run shapes its timing."""
+    command = [
+        sys.executable, __file__, "--rates-probe", "--backbones", backbone,
+        "--image-size", str(args.image_size), "--bank-size", str(args.bank_size),
+        "--batch-sizes", *map(str, args.batch_sizes), "--train-batch-size", str(args.train_batch_size),
+        "--repeats", str(args.repeats), "--min-seconds", str(args.min_seconds),
+    ]  # fmt: skip
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rows = []
+    for name, measurement, rald_rates, bare_rates in json.loads(output.strip().splitlines()[-1]):
+        rows.append((name, measurement, np.array(rald_rates), np.array(bare_rates)))
+        print(rows[-1][:2], np.median(rows[-1][2] / rows[-1][3]), flush=True)
+    return rows
+
+
 def resident_mib(field: str) -> float:
     """Read one memory field of this process (``VmRSS`` now, ``VmHWM`` peak) from /proc, in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -189,6 +228,43 @@ def peak_memory(model_kind: str, args: argparse.Namespace, backbone: str) -> dic
     ]  # fmt: skip
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
+
+
+def batch1_probe(args: argparse.Namespace) -> None:
+    """Time the default head against the bare backbone at batch 1 in this process and print the rates as JSON."""
+    rald, bare = build_rald(args.sweep_backbone, args.image_size, args.bank_size), build_bare(args.sweep_backbone)
+    first = inference_function(rald, 1, args.image_size)
+    second = inference_function(bare, 1, args.image_size)
+    rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, 1)
+    print(json.dumps({"rald": rald_rates.tolist(), "bare": bare_rates.tolist()}))
+
+
+def batch1_processes(args: argparse.Namespace) -> str:
+    """Run `batch1_probe` in ``args.processes`` fresh processes, one after another, and return a Markdown table."""
+    command = [
+        sys.executable, __file__, "--batch1-probe", "--sweep-backbone", args.sweep_backbone,
+        "--image-size", str(args.image_size), "--bank-size", str(args.bank_size),
+        "--repeats", str(args.repeats), "--min-seconds", str(args.min_seconds),
+    ]  # fmt: skip
+    lines = [
+        "| process | RALD, ms per image | backbone alone, ms per image | ratio RALD / backbone, median (IQR) |",
+        "| --- | --- | --- | --- |",
+    ]
+    medians = []
+    for process in range(1, args.processes + 1):
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        rates = json.loads(output.strip().splitlines()[-1])
+        rald_rates, bare_rates = np.array(rates["rald"]), np.array(rates["bare"])
+        ratios = rald_rates / bare_rates
+        medians.append(float(np.median(ratios)))
+        lines.append(
+            f"| {process} | {1e3 / np.median(rald_rates):.2f} | {1e3 / np.median(bare_rates):.2f} "
+            f"| {medians[-1]:.3f} ({np.percentile(ratios, 25):.3f} to {np.percentile(ratios, 75):.3f}) |"
+        )
+        print(lines[-1], flush=True)
+    low, middle, high = np.percentile(medians, [25, 50, 75])
+    lines.append(f"| median of the {len(medians)} processes | | | {middle:.3f} ({low:.3f} to {high:.3f}) |")
+    return "\n".join(lines) + "\n"
 
 
 def machine_load(at_start: float) -> str:
@@ -323,7 +399,16 @@ def main() -> None:
         action="store_true",
         help="instead of the main tables, time each part of the default head of --sweep-backbone at batch 1",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="instead of the main tables, time batch 1 of the default head of --sweep-backbone in this many fresh "
+        "processes",
+    )
     parser.add_argument("--sweep-backbone", default="mobilenetv2_100")
+    parser.add_argument("--batch1-probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rates-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-probe", choices=["rald", "bare"], help=argparse.SUPPRESS)
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/benchmarks.md")
     args = parser.parse_args()
@@ -335,8 +420,18 @@ def main() -> None:
             args.memory_probe, args.backbones[0], args.image_size, args.train_batch_size, args.bank_size, str(workdir)
         )
         return
-    if args.head_sweep or args.head_parts:
-        if args.head_sweep:
+    if args.batch1_probe:
+        batch1_probe(args)
+        return
+    if args.head_sweep or args.head_parts or args.processes:
+        if args.processes:
+            table, section = batch1_processes(args), "throughput-processes"
+            setup = (
+                f"{args.sweep_backbone} at {args.image_size} px, batch 1, default head, reference mode (bank of "
+                f"{args.bank_size} images), FG-Emotions labels. {args.processes} fresh processes, one after another, "
+                f"each timing {args.repeats} paired repeats of at least {args.min_seconds} s per model.\n\n"
+            )
+        elif args.head_sweep:
             table, section = head_sweep(args), "throughput-heads"
             setup = (
                 f"{args.sweep_backbone}, inference at batch 1 in reference mode (bank of {args.bank_size} images), "
@@ -354,20 +449,10 @@ def main() -> None:
             print(f"Wrote {write_section(section, body)}")
         return
 
-    rows = []
-    for backbone in args.backbones:
-        rald, bare = build_rald(backbone, args.image_size, args.bank_size), build_bare(backbone)
-        for batch in args.batch_sizes:
-            first = inference_function(rald, batch, args.image_size)
-            second = inference_function(bare, batch, args.image_size)
-            rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, batch)
-            rows.append((backbone, f"inference, batch {batch}", "images/s", rald_rates, bare_rates))
-            print(rows[-1][:2], np.median(rald_rates / bare_rates), flush=True)
-        first = training_function(rald, args.train_batch_size, args.image_size, workdir)
-        second = training_function(bare, args.train_batch_size, args.image_size, workdir)
-        rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, args.train_batch_size)
-        rows.append((backbone, f"training step, batch {args.train_batch_size}", "images/s", rald_rates, bare_rates))
-        print(rows[-1][:2], np.median(rald_rates / bare_rates), flush=True)
+    if args.rates_probe:
+        print(json.dumps(backbone_rates(args, args.backbones[0], workdir)))
+        return
+    rows = [row for backbone in args.backbones for row in fresh_process_rates(args, backbone)]
 
     memory = {
         backbone: (peak_memory("rald", args, backbone), peak_memory("bare", args, backbone))
@@ -379,10 +464,10 @@ def main() -> None:
         "| ratio RALD / backbone, median (IQR) |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for backbone, what, unit, rald_rates, bare_rates in rows:
+    for backbone, measurement, rald_rates, bare_rates in rows:
         ratios = rald_rates / bare_rates
         lines.append(
-            f"| {backbone} | {what} ({unit}) | {describe(rald_rates)} | {describe(bare_rates)} | "
+            f"| {backbone} | {measurement} (images/s) | {describe(rald_rates)} | {describe(bare_rates)} | "
             f"{np.median(ratios):.3f} ({np.percentile(ratios, 25):.3f} to {np.percentile(ratios, 75):.3f}) |"
         )
     lines += [
@@ -410,7 +495,8 @@ def main() -> None:
             provenance()
             + machine_load(load_at_start)
             + f"{args.image_size} px images, FG-Emotions labels (41 label nodes), reference bank of {args.bank_size} "
-            f"images, {args.repeats} paired repeats of at least {args.min_seconds} s per model.\n\n" + table
+            f"images, {args.repeats} paired repeats of at least {args.min_seconds} s per model. Each backbone's "
+            "timings run in a fresh process of their own.\n\n" + table
         )
         print(f"Wrote {write_section('throughput', body)}")
 
