@@ -114,6 +114,21 @@ def inference_function(model: torch.nn.Module, batch: int, image_size: int) -> C
     return run
 
 
+def paired_inference_rates(
+    rald: torch.nn.Module, bare: torch.nn.Module, batch: int, args: argparse.Namespace, image_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Time inference of RALD and the bare backbone side by side; return their images per second per repeat."""
+    first = inference_function(rald, batch, image_size)
+    second = inference_function(bare, batch, image_size)
+    return paired_rates(first, second, args.repeats, args.min_seconds, batch)
+
+
+def run_probe(command: list[str]) -> Any:
+    """Run a probe of this script in a fresh process and return the JSON on the last line of its output."""
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def training_function(model: torch.nn.Module, batch: int, image_size: int, workdir: Path) -> Callable[[], None]:
     """Return a function that takes one SGD step: RALD through RALDTrainer.compute_loss, anything else with CE."""
     images = torch.randn(batch, 3, image_size, image_size)
@@ -141,7 +156,7 @@ def training_function(model: torch.nn.Module, batch: int, image_size: int, workd
 
 
 def backbone_rates(args: argparse.Namespace, backbone: str, workdir: Path) -> list[tuple[str, str, list, list]]:
-    """Time RALD and the bare backbone at each batch size and for a training step; return the rates per repeat.
+    """Time RALD and the bare backbone at each batch size and for a training step.
 
     Returns:
         Rows of (backbone, measurement, RALD rates, bare backbone rates), the rates in images per second.
@@ -149,9 +164,7 @@ def backbone_rates(args: argparse.Namespace, backbone: str, workdir: Path) -> li
     rald, bare = build_rald(backbone, args.image_size, args.bank_size), build_bare(backbone)
     rows = []
     for batch in args.batch_sizes:
-        first = inference_function(rald, batch, args.image_size)
-        second = inference_function(bare, batch, args.image_size)
-        rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, batch)
+        rald_rates, bare_rates = paired_inference_rates(rald, bare, batch, args, args.image_size)
         rows.append((backbone, f"inference, batch {batch}", rald_rates.tolist(), bare_rates.tolist()))
     first = training_function(rald, args.train_batch_size, args.image_size, workdir)
     second = training_function(bare, args.train_batch_size, args.image_size, workdir)
@@ -168,9 +181,8 @@ def fresh_process_rates(args: argparse.Namespace, backbone: str) -> list[tuple[s
         "--batch-sizes", *map(str, args.batch_sizes), "--train-batch-size", str(args.train_batch_size),
         "--repeats", str(args.repeats), "--min-seconds", str(args.min_seconds),
     ]  # fmt: skip
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rows = []
-    for name, measurement, rald_rates, bare_rates in json.loads(output.strip().splitlines()[-1]):
+    for name, measurement, rald_rates, bare_rates in run_probe(command):
         rows.append((name, measurement, np.array(rald_rates), np.array(bare_rates)))
         print(rows[-1][:2], np.median(rows[-1][2] / rows[-1][3]), flush=True)
     return rows
@@ -226,16 +238,13 @@ def peak_memory(model_kind: str, args: argparse.Namespace, backbone: str) -> dic
         sys.executable, __file__, "--memory-probe", model_kind, "--backbones", backbone,
         "--image-size", str(args.image_size), "--bank-size", str(args.bank_size),
     ]  # fmt: skip
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_probe(command)
 
 
 def batch1_probe(args: argparse.Namespace) -> None:
     """Time the default head against the bare backbone at batch 1 in this process and print the rates as JSON."""
     rald, bare = build_rald(args.sweep_backbone, args.image_size, args.bank_size), build_bare(args.sweep_backbone)
-    first = inference_function(rald, 1, args.image_size)
-    second = inference_function(bare, 1, args.image_size)
-    rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, 1)
+    rald_rates, bare_rates = paired_inference_rates(rald, bare, 1, args, args.image_size)
     print(json.dumps({"rald": rald_rates.tolist(), "bare": bare_rates.tolist()}))
 
 
@@ -252,8 +261,7 @@ def batch1_processes(args: argparse.Namespace) -> str:
     ]
     medians = []
     for process in range(1, args.processes + 1):
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        rates = json.loads(output.strip().splitlines()[-1])
+        rates = run_probe(command)
         rald_rates, bare_rates = np.array(rates["rald"]), np.array(rates["bare"])
         ratios = rald_rates / bare_rates
         medians.append(float(np.median(ratios)))
@@ -290,9 +298,7 @@ def head_sweep(args: argparse.Namespace) -> str:
         head_bytes = sum(
             p.numel() * p.element_size() for n, p in rald.named_parameters() if not n.startswith("rald.backbone.")
         )
-        first = inference_function(rald, 1, image_size)
-        second = inference_function(bare, 1, image_size)
-        rald_rates, bare_rates = paired_rates(first, second, args.repeats, args.min_seconds, 1)
+        rald_rates, bare_rates = paired_inference_rates(rald, bare, 1, args, image_size)
         ratios = rald_rates / bare_rates
         lines.append(
             f"| {name} | {image_size} px | {head_bytes / 2**20:.1f} | {1e3 / np.median(rald_rates):.2f} "

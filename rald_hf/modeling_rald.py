@@ -922,23 +922,24 @@ class RALDModel(RALDPreTrainedModel):
             # Weights may have changed before such a call and may change after it (an optimizer step, batch-norm
             # statistics), so the bank is checked in it and again in the next call.
             self._bank_checked = False
-            constants = self._compute_constants(with_bank)
+            constants = self._compute_constants(with_bank, fold=False)
             self._bank_checked = False
             return constants
         key = (torch.is_inference_mode_enabled(), with_bank, self._weights_key())
         if self._constants is None or self._constants[0] != key:
             self._bank_checked = False
-            self._constants = (key, self._compute_constants(with_bank))
+            self._constants = (key, self._compute_constants(with_bank, fold=True))
         elif with_bank:
             self._check_bank_fingerprint()
         return self._constants[1]
 
-    def _compute_constants(self, with_bank: bool) -> InferenceConstants:
+    def _compute_constants(self, with_bank: bool, fold: bool) -> InferenceConstants:
+        """Compute the inference constants; ``fold`` adds LGIFO's folded projections, which only evaluation uses."""
         label_tokens = self.label_encoder()  # (C, D)
         label_keys = label_attention = None
         if self.lgifo is not None:
             label_keys = self.lgifo.attention.project_keys(label_tokens)
-            if not self.training and not torch.is_grad_enabled():  # only the evaluation path uses the fold
+            if fold:
                 label_attention = self.lgifo.attention.fold_labels(label_tokens, label_keys)
         bank = None
         if with_bank:

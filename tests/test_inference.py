@@ -59,7 +59,7 @@ def test_evaluation_path_matches_module_path(mode, overrides, monkeypatch):
         torch.testing.assert_close(short_state, full_state.detach(), rtol=0, atol=1e-6)
 
 
-def test_folded_label_attention_matches_and_yields_to_hooks():
+def test_folded_lgifo_yields_to_hooks():
     model = _model_with_bank()
     attention = model.rald.lgifo.attention
     images = tiny_images(7)
