@@ -10,13 +10,15 @@ backbones does not matter. Memory (resident set size) comes from a fresh process
 script measures on the CPU only. With --head-sweep it instead times batch 1 for several head sizes and
 image sizes of one backbone, and with --head-parts each part of the default head, to show where the cost of
 the head comes from. With --processes it times the batch-1 ratio of the default head in several fresh
-processes, because the readings of separate runs differ by more than the spread within one run.
+processes, because the readings of separate runs differ by more than the spread within one run. With
+--precision it times training steps in float32 against bfloat16 autocast with channels-last convolutions.
 
 Usage:
     python benchmarks/throughput.py --backbones resnet18 mobilenetv2_100 --write-docs
     python benchmarks/throughput.py --head-sweep --repeats 9 --write-docs
     python benchmarks/throughput.py --head-parts --repeats 5 --write-docs
     python benchmarks/throughput.py --processes 8 --repeats 9 --write-docs
+    python benchmarks/throughput.py --precision --repeats 5 --write-docs
 """
 
 from __future__ import annotations
@@ -90,16 +92,26 @@ def time_calls(function: Any, min_seconds: float) -> float:
             return elapsed / calls
 
 
+def interleaved_rates(functions: list[Any], repeats: int, min_seconds: float, items: int) -> list[np.ndarray]:
+    """Time several functions one after another in each repeat, reversing their order every other repeat.
+
+    Returns:
+        The rates (items per second) of each function, one per repeat.
+    """
+    rates: list[list[float]] = [[] for _ in functions]
+    order = list(range(len(functions)))
+    for repeat in range(repeats):
+        for index in order if repeat % 2 == 0 else order[::-1]:
+            rates[index].append(items / time_calls(functions[index], min_seconds))
+    return [np.array(values) for values in rates]
+
+
 def paired_rates(
     first: Any, second: Any, repeats: int, min_seconds: float, items: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Time two functions in alternating order; return their rates (items per second) per repeat."""
-    rates_first, rates_second = [], []
-    for repeat in range(repeats):
-        pair = [(first, rates_first), (second, rates_second)]
-        for function, rates in pair if repeat % 2 == 0 else pair[::-1]:
-            rates.append(items / time_calls(function, min_seconds))
-    return np.array(rates_first), np.array(rates_second)
+    rates_first, rates_second = interleaved_rates([first, second], repeats, min_seconds, items)
+    return rates_first, rates_second
 
 
 def inference_function(model: torch.nn.Module, batch: int, image_size: int) -> Callable[[], None]:
@@ -129,14 +141,25 @@ def run_probe(command: list[str]) -> Any:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def training_function(model: torch.nn.Module, batch: int, image_size: int, workdir: Path) -> Callable[[], None]:
-    """Return a function that takes one SGD step: RALD through RALDTrainer.compute_loss, anything else with CE."""
+def training_function(
+    model: torch.nn.Module, batch: int, image_size: int, workdir: Path, fast: bool = False
+) -> Callable[[], None]:
+    """Return a function that takes one SGD step: RALD through RALDTrainer.compute_loss, anything else with CE.
+
+    ``fast`` trains as the options ``bf16=True, channels_last=True`` do, with bfloat16 autocast and
+    channels-last convolutions.
+    """
     images = torch.randn(batch, 3, image_size, image_size)
     labels = torch.arange(batch) % 33
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     model.train()
+    if fast and not isinstance(model, RALDForImageClassification):
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     if isinstance(model, RALDForImageClassification):
-        args = RALDTrainingArguments(output_dir=str(workdir), report_to="none", use_cpu=True)
+        args = RALDTrainingArguments(
+            output_dir=str(workdir), report_to="none", use_cpu=True, bf16=fast, channels_last=fast
+        )
         trainer = RALDTrainer(model=model, args=args)
         inputs = {"pixel_values": images, "labels": labels}
 
@@ -148,7 +171,11 @@ def training_function(model: torch.nn.Module, batch: int, image_size: int, workd
             return F.cross_entropy(model(images), labels)
 
     def step() -> None:
-        loss().backward()
+        # With bf16 the Trainer runs the model's forward pass under this autocast. Here the loss runs inside
+        # it too, which is a small part of the step.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+            value = loss()
+        value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -381,6 +408,41 @@ def head_parts(args: argparse.Namespace) -> str:
     return f"For scale, per call in a hot loop: {timings}.\n\n" + "\n".join(lines) + "\n"
 
 
+def precision_rates(args: argparse.Namespace) -> str:
+    """Time training steps in float32 and with bfloat16 autocast and channels-last convolutions; return a table.
+
+    Four models are timed in one interleaved loop per backbone: RALD (through RALDTrainer.compute_loss, with
+    NNLDL) and the backbone with a linear head and cross-entropy, each in both settings.
+    """
+    batch, size = args.train_batch_size, args.image_size
+    workdir = Path(__file__).resolve().parents[1] / "runs" / "throughput"
+    lines = [
+        "| backbone | model | float32, images/s, median (IQR) | bf16 + channels-last, images/s, median (IQR) "
+        "| speed-up, median (IQR) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for backbone in args.backbones:
+        functions = [
+            training_function(build(backbone), batch, size, workdir, fast=fast)
+            for build in (lambda name: build_rald(name, size, args.bank_size), build_bare)
+            for fast in (False, True)
+        ]
+        rates = interleaved_rates(functions, args.repeats, args.min_seconds, batch)
+        for name, (slow, fast) in (("RALD", rates[:2]), ("backbone alone", rates[2:])):
+            ratios = fast / slow
+            lines.append(
+                f"| {backbone} | {name} | {describe(slow)} | {describe(fast)} | {np.median(ratios):.2f} "
+                f"({np.percentile(ratios, 25):.2f} to {np.percentile(ratios, 75):.2f}) |"
+            )
+            print(lines[-1], flush=True)
+        ratios = rates[1] / rates[3]
+        lines.append(
+            f"| {backbone} | ratio RALD / backbone | {np.median(rates[0] / rates[2]):.3f} "
+            f"| {np.median(ratios):.3f} ({np.percentile(ratios, 25):.3f} to {np.percentile(ratios, 75):.3f}) | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def describe(rates: np.ndarray) -> str:
     low, median, high = np.percentile(rates, [25, 50, 75])
     return f"{median:.1f} ({low:.1f} to {high:.1f})"
@@ -412,6 +474,11 @@ def main() -> None:
         help="instead of the main tables, time batch 1 of the default head of --sweep-backbone in this many fresh "
         "processes",
     )
+    parser.add_argument(
+        "--precision",
+        action="store_true",
+        help="instead of the main tables, time training steps in float32 and with --bf16 --channels-last",
+    )
     parser.add_argument("--sweep-backbone", default="mobilenetv2_100")
     parser.add_argument("--batch1-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rates-probe", action="store_true", help=argparse.SUPPRESS)
@@ -429,8 +496,16 @@ def main() -> None:
     if args.batch1_probe:
         batch1_probe(args)
         return
-    if args.head_sweep or args.head_parts or args.processes:
-        if args.processes:
+    if args.head_sweep or args.head_parts or args.processes or args.precision:
+        if args.precision:
+            table, section = precision_rates(args), "throughput-precision"
+            setup = (
+                f"Training steps at batch {args.train_batch_size}, {args.image_size} px, FG-Emotions labels, RALD with "
+                f"the default head and NNLDL, {args.repeats} interleaved repeats of at least {args.min_seconds} s "
+                "per model. The last row of each backbone gives RALD's training rate over the backbone's in each "
+                "setting.\n\n"
+            )
+        elif args.processes:
             table, section = batch1_processes(args), "throughput-processes"
             setup = (
                 f"{args.sweep_backbone} at {args.image_size} px, batch 1, default head, reference mode (bank of "

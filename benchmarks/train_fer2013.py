@@ -135,6 +135,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         "logging_steps": 20,
         "save_only_model": True,
         "dataloader_num_workers": args.workers,
+        "bf16": args.bf16,
+        "channels_last": args.channels_last,
     }
     training.update(spec.pop("training", {}))
     overrides = {"backbone": args.backbone, "image_size": args.image_size, **MEASURED_HEAD, **spec}
@@ -185,6 +187,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
             "augmentation": args.augmentation,
             "optimizer": args.optimizer,
             "weight_decay": args.weight_decay,
+            "bf16": args.bf16,
+            "channels_last": args.channels_last,
         },
     }
 
@@ -257,6 +261,8 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory order for the backbone")
     parser.add_argument("--augmentation", choices=list(AUGMENTATIONS), default="flip", help="training augmentation")
     parser.add_argument("--bank-size", type=int, default=128, help="reference bank stored with each checkpoint")
     parser.add_argument("--tag", default="mobilenetv2-64", help="name of this benchmark configuration")
@@ -306,13 +312,18 @@ def docs_body(records: list[dict[str, Any]], tag: str, table: str) -> str:
     optimizer_options = "" if optimizer == "sgd" else f" --optimizer {optimizer}"
     if weight_decay != 1e-4:
         optimizer_options += f" --weight-decay {weight_decay:g}"
+    # Records from before these options trained in float32 with the default memory order.
+    speed_options = "".join(
+        flag for flag, key in ((" --bf16", "bf16"), (" --channels-last", "channels_last")) if settings.get(key)
+    )
     variants = " ".join(variant for variant in VARIANTS if any(r["variant"] == variant for r in rows))
     train_command = (
         f"python benchmarks/train_fer2013.py --tag {tag} --backbone {settings['backbone']}"
         f"{'' if settings['pretrained'] else ' --no-pretrained'} --image-size {settings['image_size']} "
         f"--epochs {settings['epochs']:g} --train-size {settings['train_size'] or 0} "
         f"--batch-size {settings['batch_size']} --learning-rate {settings['learning_rate']:g} "
-        f"--augmentation {settings['augmentation']}{optimizer_options} --seeds {seeds} --variants {variants}"
+        f"--augmentation {settings['augmentation']}{optimizer_options}{speed_options} --seeds {seeds} "
+        f"--variants {variants}"
     )
     seconds = [r["train_seconds"] for r in rows]
     # The machine line names the threads of the process that writes the table, so each run records its own.
@@ -334,6 +345,8 @@ def docs_body(records: list[dict[str, Any]], tag: str, table: str) -> str:
         f"{settings['backbone']}\n"
         f"- optimizer: {OPTIMIZER_NAMES[optimizer]} at {settings['learning_rate']:g} with cosine decay, "
         f"weight decay {weight_decay:g}\n"
+        f"- arithmetic: {'bfloat16 autocast' if settings.get('bf16') else 'float32'}"
+        f"{', channels-last backbone' if settings.get('channels_last') else ''}\n"
         f"- time: {np.median(seconds):.0f} s per run (median of {len(seconds)}; wall time, with other runs "
         f"sharing the machine)\n{threads_line}\n" + table
     )

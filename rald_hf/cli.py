@@ -164,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed a label word that the word vectors lack as another word, such as calm=relaxed",
     )
     train.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    train.add_argument(
+        "--bf16",
+        action="store_true",
+        help="compute in bfloat16 under autocast, with float32 weights; faster on CPUs with AMX and on GPUs from "
+        "Ampere on",
+    )
+    train.add_argument(
+        "--channels-last", action="store_true", help="channels-last memory order for the backbone's convolutions"
+    )
     train.add_argument("--tsne", action="store_true", help="also plot a t-SNE map of the final image features")
     train.add_argument(
         "--reference-bank-size",
@@ -251,6 +260,8 @@ def _train(args: argparse.Namespace) -> None:
         "class_weighting": args.class_weighting,
         "balanced_sampler": args.balanced_sampler,
         "dataloader_num_workers": args.workers,
+        "bf16": args.bf16,
+        "channels_last": args.channels_last,
         "disable_tqdm": args.no_progress,
     }
     if args.optimizer == "sgd":

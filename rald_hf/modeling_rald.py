@@ -925,7 +925,10 @@ class RALDModel(RALDPreTrainedModel):
             constants = self._compute_constants(with_bank, fold=False)
             self._bank_checked = False
             return constants
-        key = (torch.is_inference_mode_enabled(), with_bank, self._weights_key())
+        # Constants computed under autocast have its dtype, so each autocast state keeps its own.
+        device_type = self.label_encoder.label_embeddings.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        key = (torch.is_inference_mode_enabled(), autocast, with_bank, self._weights_key())
         if self._constants is None or self._constants[0] != key:
             self._bank_checked = False
             self._constants = (key, self._compute_constants(with_bank, fold=True))

@@ -6,8 +6,10 @@ import sys
 import tempfile
 
 import pytest
+import torch
 from PIL import Image
 
+from rald_hf import RALDForImageClassification
 from rald_hf.cli import build_parser, main
 
 from .training.test_data import CLASSES, _write_image
@@ -179,6 +181,21 @@ def test_rald_l_drops_tree(faces, tmp_path):
     config = json.loads((output / "config.json").read_text())
     assert config["level_labels"] == [["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]]
     assert config.get("use_hierarchy_bias", True) is False
+
+
+def test_train_in_bf16_channels_last(faces, tmp_path):
+    output = tmp_path / "run"
+    main(["train", "--dataset", str(faces), "--output-dir", str(output), "--bf16", "--channels-last", *TINY_TRAIN])
+    (state,) = output.glob("checkpoint-*/training_args.bin")
+    args = torch.load(state, weights_only=False)
+    assert args.bf16
+    assert args.channels_last
+    assert args.use_cpu
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1
+    # The saved weights are ordinary float32 tensors that a plain evaluation loads.
+    model = RALDForImageClassification.from_pretrained(output)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_unknown_dataset_label_exits_with_message(faces, tmp_path, caplog):

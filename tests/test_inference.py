@@ -240,6 +240,21 @@ def test_constants_follow_device_and_dtype_moves():
     torch.testing.assert_close(doubled.float(), before, rtol=1e-4, atol=1e-4)
 
 
+def test_constants_follow_autocast():
+    """Constants cached under bfloat16 autocast are not reused by a float32 call, nor the other way round."""
+    model = _model_with_bank()
+    images = tiny_images(3)
+    with torch.no_grad():
+        reference = model(images).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(images).logits
+            assert model.rald.inference_constants(with_bank=True).label_tokens.dtype == torch.bfloat16
+        after = model(images).logits
+        assert model.rald.inference_constants(with_bank=True).label_tokens.dtype == torch.float32
+    torch.testing.assert_close(after, reference, rtol=0, atol=0)
+    torch.testing.assert_close(low.float(), reference, rtol=0.05, atol=0.05)
+
+
 def test_constants_follow_load_state_dict():
     model = _model_with_bank()
     other = _model_with_bank()

@@ -118,8 +118,12 @@ def nnldl_loss(
         self_offset: See `nnldl_target`.
 
     Returns:
-        A scalar; zero (with a gradient path) when no image has a neighbour.
+        A float32 scalar; zero (with a gradient path) when no image has a neighbour. Inputs in lower
+        precision, such as the outputs of a forward pass under bfloat16 autocast, are cast to float32 first.
     """
+    logits, relations = logits.float(), relations.float()
+    if neighbor_logits is not None:
+        neighbor_logits = neighbor_logits.float()
     if relations.shape[0] != logits.shape[0]:
         raise ValueError(f"relations cover {relations.shape[0]} images but logits {logits.shape[0]}")
     candidates = logits if neighbor_logits is None else neighbor_logits

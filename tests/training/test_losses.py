@@ -115,6 +115,17 @@ def test_kl_matches_torch_kl_div():
     torch.testing.assert_close(nnldl_loss(logits, relations, NNLDLOptions(num_neighbors=2)), expected)
 
 
+def test_bfloat16_inputs_give_the_float32_loss():
+    """Outputs of a forward pass under bfloat16 autocast are scored in float32, with the same neighbours."""
+    torch.manual_seed(4)
+    logits = torch.randn(6, 5).bfloat16()
+    relations = torch.randn(6, 3, 6).bfloat16()
+    options = NNLDLOptions(num_neighbors=2)
+    loss = nnldl_loss(logits, relations, options)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, nnldl_loss(logits.float(), relations.float(), options), rtol=0, atol=0)
+
+
 def test_paper_reduction_divides_by_classes():
     torch.manual_seed(2)
     logits = torch.randn(6, 7)

@@ -102,6 +102,28 @@ def test_evaluation_loss_is_cross_entropy(tmp_path):
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(outputs.logits, labels))
 
 
+def test_bf16_channels_last_step_close_to_float32(tmp_path):
+    """A bfloat16 step on channels-last convolutions moves the weights as a float32 step does, within bf16 error."""
+    exact, exact_logs = _train_one_step(tmp_path / "float32", _model())
+    model = _model()
+    fast, fast_logs = _train_one_step(tmp_path / "bf16", model, bf16=True, channels_last=True)
+    convolutions = [p for p in model.rald.backbone.parameters() if p.ndim == 4]
+    assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    start = dict(_model().named_parameters())
+    exact_moves = torch.cat([(exact[name] - p).flatten() for name, p in start.items()])
+    fast_moves = torch.cat([(fast[name] - p).flatten() for name, p in start.items()])
+    assert exact_moves.norm() > 1e-3
+    assert (fast_moves - exact_moves).norm() < 0.1 * exact_moves.norm()
+    assert fast_logs[0]["loss"] == pytest.approx(exact_logs[0]["loss"], rel=0.02)
+
+    # Channels-last weights save to safetensors and reload unchanged.
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = RALDForImageClassification.from_pretrained(tmp_path / "saved").state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(reloaded[name], value, rtol=0, atol=0, msg=f"{name} differs")
+
+
 def test_logs_report_both_terms(tmp_path):
     _, logs = _train_one_step(tmp_path, _model(), max_steps=2)
     training_logs = [entry for entry in logs if "loss" in entry]
