@@ -153,9 +153,6 @@ def training_function(
     labels = torch.arange(batch) % 33
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     model.train()
-    if fast and not isinstance(model, RALDForImageClassification):
-        model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
     if isinstance(model, RALDForImageClassification):
         args = RALDTrainingArguments(
             output_dir=str(workdir), report_to="none", use_cpu=True, bf16=fast, channels_last=fast
@@ -166,6 +163,9 @@ def training_function(
         def loss() -> torch.Tensor:
             return trainer.compute_loss(model, inputs, num_items_in_batch=batch)
     else:
+        if fast:
+            model.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
 
         def loss() -> torch.Tensor:
             return F.cross_entropy(model(images), labels)
@@ -429,23 +429,19 @@ def precision_rates(args: argparse.Namespace) -> str:
         ]
         rates = interleaved_rates(functions, args.repeats, args.min_seconds, batch)
         for name, (slow, fast) in (("RALD", rates[:2]), ("backbone alone", rates[2:])):
-            ratios = fast / slow
-            lines.append(
-                f"| {backbone} | {name} | {describe(slow)} | {describe(fast)} | {np.median(ratios):.2f} "
-                f"({np.percentile(ratios, 25):.2f} to {np.percentile(ratios, 75):.2f}) |"
-            )
+            lines.append(f"| {backbone} | {name} | {describe(slow)} | {describe(fast)} | {describe(fast / slow, 2)} |")
             print(lines[-1], flush=True)
-        ratios = rates[1] / rates[3]
         lines.append(
             f"| {backbone} | ratio RALD / backbone | {np.median(rates[0] / rates[2]):.3f} "
-            f"| {np.median(ratios):.3f} ({np.percentile(ratios, 25):.3f} to {np.percentile(ratios, 75):.3f}) | |"
+            f"| {describe(rates[1] / rates[3], 3)} | |"
         )
     return "\n".join(lines) + "\n"
 
 
-def describe(rates: np.ndarray) -> str:
-    low, median, high = np.percentile(rates, [25, 50, 75])
-    return f"{median:.1f} ({low:.1f} to {high:.1f})"
+def describe(values: np.ndarray, digits: int = 1) -> str:
+    """Format the median and interquartile range of ``values`` as "median (low to high)"."""
+    low, median, high = np.percentile(values, [25, 50, 75])
+    return f"{median:.{digits}f} ({low:.{digits}f} to {high:.{digits}f})"
 
 
 def main() -> None:
@@ -546,10 +542,9 @@ def main() -> None:
         "| --- | --- | --- | --- | --- |",
     ]
     for backbone, measurement, rald_rates, bare_rates in rows:
-        ratios = rald_rates / bare_rates
         lines.append(
             f"| {backbone} | {measurement} (images/s) | {describe(rald_rates)} | {describe(bare_rates)} | "
-            f"{np.median(ratios):.3f} ({np.percentile(ratios, 25):.3f} to {np.percentile(ratios, 75):.3f}) |"
+            f"{describe(rald_rates / bare_rates, 3)} |"
         )
     lines += [
         "",
