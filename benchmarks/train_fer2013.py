@@ -193,6 +193,34 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
+def mirrored_scores(output_dir: Path, batch_size: int, seed: int) -> dict[str, float]:
+    """Score a run's checkpoint with test-time flips: each image also predicted mirrored, probabilities averaged.
+
+    Validation is scored with and without the flip, so that the choice is made there. PrivateTest is scored
+    only with it, because the record already contains its plain score. All scores use transductive mode, like
+    ``test_accuracy``.
+    """
+    data_dir = require_data_dir("fer2013/")
+    scores = {}
+    for split, flip, key in (
+        ("validation", False, "validation_accuracy_transductive"),
+        ("validation", True, "validation_accuracy_flip"),
+        ("test", True, "test_accuracy_flip"),
+    ):
+        metrics = evaluate_checkpoint(
+            output_dir,
+            data_dir / "fer2013",
+            split=split,
+            batch_size=batch_size,
+            relation_mode="transductive",
+            seed=seed,
+            flip=flip,
+            progress=False,
+        )
+        scores[key] = metrics["accuracy"]
+    return scores
+
+
 def best_validation_accuracy(output_dir: Path) -> float | None:
     """Read the best per-epoch validation accuracy of a run from the Trainer state of its last checkpoint."""
     states = sorted(output_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
@@ -213,6 +241,12 @@ def summarize(records: list[dict[str, Any]], tag: str, runs_dir: Path) -> str:
         "| paired difference to baseline (points) | with the reference bank (%) | best validation accuracy (%) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    mirrored = any("test_accuracy_flip" in r for r in rows)
+    if mirrored:
+        lines[0] += (
+            " validation, transductive, without → with test-time flip (%) | PrivateTest with test-time flip (%) |"
+        )
+        lines[1] += " --- | --- |"
     for variant in VARIANTS:
         if variant not in by_variant:
             continue
@@ -240,10 +274,20 @@ def summarize(records: list[dict[str, Any]], tag: str, runs_dir: Path) -> str:
         known = [100 * v for v in validation if v is not None]
         validation_text = f"{np.mean(known):.2f}" if known else "n/a"
         name = f"{variant}: {DESCRIPTIONS[variant]}"
-        lines.append(
-            f"| {name} | {values.mean():.2f}{std} | {per_seed} | {paired} | {reference_text} | {validation_text} |"
-        )
+        row = f"| {name} | {values.mean():.2f}{std} | {per_seed} | {paired} | {reference_text} | {validation_text} |"
+        if mirrored:
+            row += f" {_mean_of(runs, seeds, 'validation_accuracy_transductive')} → "
+            row += (
+                f"{_mean_of(runs, seeds, 'validation_accuracy_flip')} | {_mean_of(runs, seeds, 'test_accuracy_flip')} |"
+            )
+        lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+def _mean_of(runs: dict[int, dict[str, Any]], seeds: list[int], key: str) -> str:
+    """Return the mean of one score (in %) over the seeds whose records contain it, or "n/a"."""
+    known = [100 * runs[s][key] for s in seeds if key in runs[s]]
+    return f"{np.mean(known):.2f}" if known else "n/a"
 
 
 def main() -> None:
@@ -270,6 +314,11 @@ def main() -> None:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "train_fer2013.jsonl"))
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument(
+        "--flip-scores",
+        action="store_true",
+        help="also score validation and PrivateTest with test-time flips for every run of --tag that lacks them",
+    )
+    parser.add_argument(
         "--no-train", action="store_true", help="train nothing; summarise the runs of --tag already in --results"
     )
     args = parser.parse_args()
@@ -294,6 +343,15 @@ def main() -> None:
             with results.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             print(f"   accuracy {100 * record['test_accuracy']:.2f} %, {record['train_seconds']:.0f} s", flush=True)
+
+    if args.flip_scores:
+        missing = [r for r in records if r["tag"] == args.tag and "test_accuracy_flip" not in r]
+        for record in missing:
+            print(f"== {args.tag} {record['variant']} seed {record['seed']}: scoring with test-time flips", flush=True)
+            output_dir = Path(args.runs_dir) / f"{args.tag}-{record['variant']}-seed{record['seed']}"
+            record.update(mirrored_scores(output_dir, record["settings"]["batch_size"], record["seed"]))
+        if missing:
+            results.write_text("".join(json.dumps(record) + "\n" for record in records))
 
     table = summarize(records, args.tag, Path(args.runs_dir))
     print(table)

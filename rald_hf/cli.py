@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the subset and the evaluation order")
     evaluate.add_argument("--tsne", action="store_true", help="also plot a t-SNE map of the image features")
+    evaluate.add_argument(
+        "--flip",
+        action="store_true",
+        help="also score every image mirrored left to right and average the two probabilities (twice the time)",
+    )
     evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
     evaluate.add_argument(
         "--no-shuffle",
@@ -309,11 +314,13 @@ def _evaluate(args: argparse.Namespace) -> None:
         tsne=args.tsne,
         shuffle=not args.no_shuffle,
         progress=not args.no_progress,
+        flip=args.flip,
     )
     print(per_class_table(metrics))
     levels = ", ".join(f"{k} {100 * v:.2f} %" for k, v in metrics.items() if k.startswith("accuracy_"))
     print(
-        f"{args.split} ({metrics['num_images']} images, {metrics['relation_mode']} relations): "
+        f"{args.split} ({metrics['num_images']} images, {metrics['relation_mode']} relations"
+        f"{', each also mirrored' if args.flip else ''}): "
         f"accuracy {100 * metrics['accuracy']:.2f} %, macro-F1 {100 * metrics['macro_f1']:.2f} %"
         + (f", {levels}" if levels else "")
     )

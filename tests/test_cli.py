@@ -5,14 +5,18 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from sklearn.metrics import confusion_matrix
 
-from rald_hf import RALDForImageClassification
+from rald_hf import RALDForImageClassification, RALDImageProcessor
 from rald_hf.cli import build_parser, main
+from rald_hf.training.run import evaluate_checkpoint, predict_images
 
 from .training.test_data import CLASSES, _write_image
+from .utils import tiny_config
 
 TINY_TRAIN = [
     "--backbone",
@@ -262,6 +266,44 @@ def test_word_alias_requires_pair():
 
 
 @pytest.mark.data
+def test_evaluate_flip_averages_mirrored_images(tmp_path):
+    torch.manual_seed(3)
+    model = RALDForImageClassification(tiny_config("fer2013-valence"))
+    model.classifier.weight.data *= 30  # spread the untrained logits so that predictions differ between images
+    model.save_pretrained(tmp_path / "model")
+    RALDImageProcessor(image_size=35).save_pretrained(tmp_path / "model")
+    labels = list(model.config.id2label.values())
+    # Images whose left and right halves differ, so that mirroring changes the model's input.
+    rng = np.random.default_rng(7)
+    paths, names = [], []
+    for label in CLASSES:
+        for i in range(5):
+            pixels = rng.integers(0, 256, size=(33, 37, 3), dtype=np.uint8)
+            pixels[:, :18] //= 4
+            path = tmp_path / "faces" / "test" / label / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path)
+            paths.append(path)
+            names.append(label)
+
+    def probabilities(images):
+        top = predict_images(tmp_path / "model", images, top_k=len(labels), relation_mode="self")
+        return np.array([[dict(row)[label] for label in labels] for row in top])
+
+    plain = probabilities([Image.open(path) for path in paths])
+    mirrored = probabilities([ImageOps.mirror(Image.open(path)) for path in paths])
+    averaged = (plain + mirrored) / 2
+    assert (averaged.argmax(-1) != plain.argmax(-1)).any(), "the flip must change a prediction to be tested"
+
+    targets = [labels.index(name) for name in names]
+    for flip, predicted in ((False, plain.argmax(-1)), (True, averaged.argmax(-1))):
+        scored = evaluate_checkpoint(
+            tmp_path / "model", tmp_path / "faces", split="test", relation_mode="self", flip=flip, progress=False
+        )
+        assert scored["confusion_matrix"] == confusion_matrix(targets, predicted, labels=range(len(labels))).tolist()
+        assert scored["flip"] is flip
+
+
 def test_fer2013_end_to_end(data_dir, tmp_path):
     """Train a few steps on real FER2013 images from pretrained weights, score, reload and predict."""
     output = tmp_path / "fer"

@@ -340,18 +340,29 @@ def _score(
     output_dir: Path | None,
     tsne: bool = False,
     prefix: str = "",
+    flip: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Predict a prepared split and compute its metrics. With ``output_dir``, also save the plots there.
 
-    Returns the metrics and the paths of the output files: the plots, saved here, and the metrics file,
-    which the caller writes once it has added its own fields.
+    With ``flip``, each image is also predicted mirrored left to right and the two probability vectors are
+    averaged. Returns the metrics and the paths of the output files: the plots, saved here, and the metrics
+    file, which the caller writes once it has added its own fields.
     """
     prediction = trainer.predict(dataset, metric_key_prefix="test")
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    predictions = np.argmax(logits, axis=-1)
+    probabilities = _probabilities(prediction.predictions)
+    if flip:
+        collate = trainer.data_collator
+        trainer.data_collator = lambda features: _mirror(collate(features))
+        try:
+            mirrored = trainer.predict(dataset, metric_key_prefix="test")
+        finally:
+            trainer.data_collator = collate
+        probabilities = (probabilities + _probabilities(mirrored.predictions)) / 2
+    predictions = np.argmax(probabilities, axis=-1)
     metrics = classification_metrics(prediction.label_ids, predictions, space)
     trainer.model.eval()
     metrics["relation_mode"] = trainer.model.rald.resolve_relation_mode()
+    metrics["flip"] = flip
     metrics["num_images"] = int(len(predictions))
     if output_dir is None:
         return metrics, {}
@@ -365,6 +376,17 @@ def _score(
         features, labels = collect_features(trainer.model, dataset, trainer.args.per_device_eval_batch_size)
         files["tsne"] = plot_tsne(features, labels, space, output_dir / f"{prefix}tsne.png")
     return metrics, files
+
+
+def _probabilities(predictions: np.ndarray | tuple) -> np.ndarray:
+    """Class probabilities from the logits that ``Trainer.predict`` returns (first item when it is a tuple)."""
+    logits = predictions[0] if isinstance(predictions, tuple) else predictions
+    return torch.from_numpy(logits).float().softmax(dim=-1).numpy()
+
+
+def _mirror(batch: dict[str, Any]) -> dict[str, Any]:
+    """Mirror the images of a collated batch left to right."""
+    return {**batch, "pixel_values": batch["pixel_values"].flip(-1)}
 
 
 @torch.no_grad()
@@ -402,6 +424,7 @@ def evaluate_checkpoint(
     tsne: bool = False,
     shuffle: bool = True,
     progress: bool = True,
+    flip: bool = False,
 ) -> dict[str, Any]:
     """Score a saved checkpoint on one split of a dataset; write metrics and plots when ``output_dir`` is set.
 
@@ -419,6 +442,9 @@ def evaluate_checkpoint(
         shuffle: Shuffle the evaluation order with ``seed``. ``False`` keeps the dataset's order, which for a
             class-sorted split shows how much transductive relations leak the labels.
         progress: Show the Trainer's progress bar.
+        flip: Also predict every image mirrored left to right and average the two probability vectors
+            (test-time flip augmentation, twice the compute). In transductive mode the mirrored images relate
+            to each other, in the same batches as the originals.
     """
     if tsne and output_dir is None:
         raise ValueError("tsne=True writes tsne.png, so it needs an output_dir (rald-hf: --output-dir)")
@@ -463,7 +489,7 @@ def evaluate_checkpoint(
         if output_dir is not None:
             output_dir = Path(output_dir)
             output_dir.mkdir(parents=True, exist_ok=True)
-        metrics, _ = _score(trainer, splits.validation, space, output_dir, tsne=tsne, prefix=f"{split}_")
+        metrics, _ = _score(trainer, splits.validation, space, output_dir, tsne=tsne, prefix=f"{split}_", flip=flip)
     metrics["split"] = split
     metrics["shuffled"] = shuffle
     metrics["batch_size"] = batch_size
