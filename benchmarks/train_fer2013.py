@@ -276,10 +276,11 @@ def summarize(records: list[dict[str, Any]], tag: str, runs_dir: Path) -> str:
         name = f"{variant}: {DESCRIPTIONS[variant]}"
         row = f"| {name} | {values.mean():.2f}{std} | {per_seed} | {paired} | {reference_text} | {validation_text} |"
         if mirrored:
-            row += f" {_mean_of(runs, seeds, 'validation_accuracy_transductive')} → "
-            row += (
-                f"{_mean_of(runs, seeds, 'validation_accuracy_flip')} | {_mean_of(runs, seeds, 'test_accuracy_flip')} |"
+            plain, flipped, test = (
+                _mean_of(runs, seeds, key)
+                for key in ("validation_accuracy_transductive", "validation_accuracy_flip", "test_accuracy_flip")
             )
+            row += f" {plain} → {flipped} | {test} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 

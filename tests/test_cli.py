@@ -13,7 +13,7 @@ from sklearn.metrics import confusion_matrix
 
 from rald_hf import RALDForImageClassification, RALDImageProcessor
 from rald_hf.cli import build_parser, main
-from rald_hf.training.run import evaluate_checkpoint, predict_images
+from rald_hf.training.run import evaluate_checkpoint, predict_images, read_image
 
 from .training.test_data import CLASSES, _write_image
 from .utils import tiny_config
@@ -265,7 +265,6 @@ def test_word_alias_requires_pair():
         main(["train", "--dataset", "x", "--output-dir", "y", "--word-alias", "hygge"])
 
 
-@pytest.mark.data
 def test_evaluate_flip_averages_mirrored_images(tmp_path):
     torch.manual_seed(3)
     model = RALDForImageClassification(tiny_config("fer2013-valence"))
@@ -290,8 +289,8 @@ def test_evaluate_flip_averages_mirrored_images(tmp_path):
         top = predict_images(tmp_path / "model", images, top_k=len(labels), relation_mode="self")
         return np.array([[dict(row)[label] for label in labels] for row in top])
 
-    plain = probabilities([Image.open(path) for path in paths])
-    mirrored = probabilities([ImageOps.mirror(Image.open(path)) for path in paths])
+    plain = probabilities(paths)
+    mirrored = probabilities([ImageOps.mirror(read_image(path)) for path in paths])
     averaged = (plain + mirrored) / 2
     assert (averaged.argmax(-1) != plain.argmax(-1)).any(), "the flip must change a prediction to be tested"
 
@@ -304,6 +303,7 @@ def test_evaluate_flip_averages_mirrored_images(tmp_path):
         assert scored["flip"] is flip
 
 
+@pytest.mark.data
 def test_fer2013_end_to_end(data_dir, tmp_path):
     """Train a few steps on real FER2013 images from pretrained weights, score, reload and predict."""
     output = tmp_path / "fer"

@@ -379,7 +379,7 @@ def _score(
 
 
 def _probabilities(predictions: np.ndarray | tuple) -> np.ndarray:
-    """Class probabilities from the logits that ``Trainer.predict`` returns (first item when it is a tuple)."""
+    """Return the softmax of the logits that ``Trainer.predict`` returns (its first item when it is a tuple)."""
     logits = predictions[0] if isinstance(predictions, tuple) else predictions
     return torch.from_numpy(logits).float().softmax(dim=-1).numpy()
 
