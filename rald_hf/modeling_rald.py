@@ -15,7 +15,7 @@ import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import timm
 import torch
@@ -102,6 +102,17 @@ class RALDImageClassifierOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
+class _Encoding(NamedTuple):
+    """The fields of `RALDModelOutput` in a named tuple, which is cheaper to build than the output object."""
+
+    last_hidden_state: torch.Tensor
+    image_relations: torch.Tensor | None
+    relation_offset: int | None
+    backbone_features: torch.Tensor
+    label_hidden_states: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None
+
+
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     length, width = x.shape
     return x.view(length, num_heads, width // num_heads).transpose(0, 1)  # (L, D) -> (H, L, Dh)
@@ -118,9 +129,21 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(length, num_heads * head_width)  # (H, L, Dh) -> (L, D)
 
 
-def _is_plain_linear(module: nn.Module) -> bool:
-    """Return whether ``module`` is an ``nn.Linear`` without hooks of its own, so its weights may be used directly."""
-    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+def _is_plain(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Return whether ``module`` is exactly a ``cls`` without hooks of its own, so an equivalent computation may
+    replace its call."""
+    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _exact_gelu(x: torch.Tensor) -> torch.Tensor:
+    """Compute ``nn.GELU()`` (the exact, error-function form) as x/2 + x/2 · erf(x/√2).
+
+    On CPU, ``F.gelu`` passes float tensors to oneDNN, which costs several microseconds per call whatever
+    the size: more than the arithmetic for the rows of a small batch. These three elementwise operations
+    give the same values to float rounding (within 2e-6 for |x| < 16) in a fraction of the time.
+    """
+    half = x * 0.5
+    return torch.addcmul(half, half, torch.erf(x * 0.7071067811865476))
 
 
 def hierarchy_buckets(distances: list[list[int]], sigma: int) -> tuple[list[list[int]], int]:
@@ -287,16 +310,19 @@ class RALDLayer(nn.Module):
         replaces ``norm1`` in post-norm blocks, and the wrappers around the attention's and the feed-forward
         network's layers, and runs the attention's own ``forward_eval``. The result is the same with less
         than half the module calls per block: at batch 1 after a small backbone, each call adds measurable
-        time. The feed-forward network's linear layers are still called as modules, so hooks and adapters on
-        them keep working.
+        time. On CPU, an exact ``nn.GELU`` without hooks is computed by `_exact_gelu`. The feed-forward
+        network's linear layers are still called as modules, so hooks and adapters on them keep working.
         """
         mlp = self.mlp
         attended, scores = self.attention.forward_eval(self.norm1(x) if self.norm_first else x, **kwargs)
         hidden = x + attended if self.residual else attended
 
+        act = mlp.act
+        if x.device.type == "cpu" and _is_plain(act, nn.GELU) and act.approximate == "none":
+            act = _exact_gelu
         if self.norm_first:
-            return hidden + mlp.fc2(mlp.act(mlp.fc1(self.norm2(hidden)))), scores
-        return self.norm2(hidden + mlp.fc2(mlp.act(mlp.fc1(hidden)))), scores
+            return hidden + mlp.fc2(act(mlp.fc1(self.norm2(hidden)))), scores
+        return self.norm2(hidden + mlp.fc2(act(mlp.fc1(hidden)))), scores
 
     def project_context(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise context tokens as the block's input is normalised, then project them to keys and values."""
@@ -447,7 +473,7 @@ class LabelGuidedAttention(nn.Module):
         with other modules in their place (adapters), the layers are called as modules.
         """
         # NOTE: hooks registered for all modules (register_module_forward_hook) do not see the folded layers.
-        if folded is not None and _is_plain_linear(self.q) and _is_plain_linear(self.proj):
+        if folded is not None and _is_plain(self.q, nn.Linear) and _is_plain(self.proj, nn.Linear):
             score_weight, score_bias, projected_values = folded
             probs = F.linear(x, score_weight, score_bias).view(len(x), self.num_heads, -1).softmax(dim=-1)
             return torch.addmm(self.proj.bias, probs.view(len(x), -1), projected_values), None  # (N, D)
@@ -893,18 +919,17 @@ class RALDModel(RALDPreTrainedModel):
     def _weights_key(self) -> tuple:
         """Return a key that changes whenever a weight the inference constants depend on changes.
 
-        It contains the storage address and the in-place version counter of every parameter and buffer
-        outside the backbone, and of the backbone's first and last parameters. So an optimizer step on the
-        head, ``load_state_dict``, an in-place edit of the head or a device move changes it. The backbone's
-        other tensors are left out: the constants do not depend on them, and reading their counters on every
-        call costs several percent of a small backbone's time at batch 1. The tensor list is kept between
+        It contains the storage address and the in-place version counter of every tensor that
+        `_compute_constants` reads (`_constant_sources`), and of the backbone's first and last parameters, which
+        stand for the backbone in the reference bank's check. So an optimizer step, ``load_state_dict``, an
+        in-place edit of such a tensor or a device move changes it. The other tensors are left out because the
+        constants do not depend on them. Each counter is read on every call: for all 353 tensors of RALD on
+        MobileNetV2, that cost several percent of the forward pass at batch 1. The tensor list is kept between
         calls, because walking the module tree costs more than reading the counters.
         """
         if self._tracked_tensors is None:
             backbone = list(self.backbone.parameters())
-            backbone_ids = {id(tensor) for tensor in (*backbone, *self.backbone.buffers())}
-            head = [tensor for tensor in (*self.parameters(), *self.buffers()) if id(tensor) not in backbone_ids]
-            self._tracked_tensors = head + backbone[:1] + backbone[-1:]
+            self._tracked_tensors = self._constant_sources() + backbone[:1] + backbone[-1:]
             self._has_inference_tensors = any(tensor.is_inference() for tensor in self._tracked_tensors)
         return _tensors_key(self._tracked_tensors, self._has_inference_tensors)
 
@@ -935,6 +960,19 @@ class RALDModel(RALDPreTrainedModel):
         elif with_bank:
             self._check_bank_fingerprint()
         return self._constants[1]
+
+    def _constant_sources(self) -> list[torch.Tensor]:
+        """Return the parameters and buffers that `_compute_constants` reads; keep the two methods in step."""
+        modules: list[nn.Module] = [self.label_encoder, self.image_proj]
+        if self.feature_norm is not None:
+            modules.append(self.feature_norm)
+        if self.itrr is not None:
+            modules += [self.itrr.norm1, self.itrr.attention.qkv]  # the bank's keys and values
+        if self.lgifo is not None:
+            attention = self.lgifo.attention
+            modules += [attention.k, attention.q, attention.proj]  # label keys and the folded projections
+        tensors = [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
+        return tensors + [self.reference_features]
 
     def _compute_constants(self, with_bank: bool, fold: bool) -> InferenceConstants:
         """Compute the inference constants; ``fold`` adds LGIFO's folded projections, which only evaluation uses."""
@@ -1034,10 +1072,24 @@ class RALDModel(RALDPreTrainedModel):
             output_hidden_states: Also return the intermediate image features.
             return_dict: Return a `RALDModelOutput` instead of a tuple.
         """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output = RALDModelOutput(**self._encode(pixel_values, relation_mode, output_hidden_states)._asdict())
+        return output if return_dict else output.to_tuple()
+
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        relation_mode: RelationMode | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> _Encoding:
+        """Compute `forward`'s fields (same arguments) and return them as a named tuple, not an output object.
+
+        `RALDForImageClassification` calls this rather than the module when ``rald`` has no hooks: at batch 1
+        after a small backbone, building the inner output object costs as much as a linear layer of the head.
+        """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"pixel_values must have shape (N, {self.config.num_channels}, H, W), got {tuple(pixel_values.shape)}"
@@ -1081,15 +1133,7 @@ class RALDModel(RALDPreTrainedModel):
         last_hidden_state = self.final_norm(guided_tokens)
 
         hidden_states = (image_tokens, related_tokens, guided_tokens) if output_hidden_states else None
-        output = RALDModelOutput(
-            last_hidden_state=last_hidden_state,
-            image_relations=relations,
-            relation_offset=offset,
-            backbone_features=backbone_features,
-            label_hidden_states=label_tokens,
-            hidden_states=hidden_states,
-        )
-        return output if return_dict else output.to_tuple()
+        return _Encoding(last_hidden_state, relations, offset, backbone_features, label_tokens, hidden_states)
 
     def embed_features(self, features: torch.Tensor, use_running_stats: bool = False) -> torch.Tensor:
         """Normalise backbone features (N, Dv) as ``config.feature_norm`` selects and project them to tokens (N, D).
@@ -1149,12 +1193,12 @@ class RALDForImageClassification(RALDPreTrainedModel):
             return_dict: Return a `RALDImageClassifierOutput` instead of a tuple.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.rald(
-            pixel_values,
-            relation_mode=relation_mode,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        if _is_plain(self.rald, RALDModel):
+            outputs = self.rald._encode(pixel_values, relation_mode, output_hidden_states)
+        else:  # hooks on the inner model see its module call
+            outputs = self.rald(
+                pixel_values, relation_mode=relation_mode, output_hidden_states=output_hidden_states, return_dict=True
+            )
         logits = self.classifier(outputs.last_hidden_state)  # (N, Cf)
 
         loss = None

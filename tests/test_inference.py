@@ -6,7 +6,7 @@ import torch
 from transformers import TrainerCallback, pipeline
 
 from rald_hf import LabelSpace, RALDConfig, RALDForImageClassification, RALDImageProcessor
-from rald_hf.modeling_rald import RALDLayer, select_reference_indices
+from rald_hf.modeling_rald import RALDLayer, _exact_gelu, select_reference_indices
 from rald_hf.training import ReferenceBankCallback, predict_images
 
 from .training.test_trainer import _args
@@ -57,6 +57,45 @@ def test_evaluation_path_matches_module_path(mode, overrides, monkeypatch):
     torch.testing.assert_close(shorter.logits, full.logits.detach(), rtol=0, atol=1e-6)
     for short_state, full_state in zip(shorter.hidden_states, full.hidden_states, strict=True):
         torch.testing.assert_close(short_state, full_state.detach(), rtol=0, atol=1e-6)
+
+
+def test_exact_gelu_matches_the_module():
+    x = torch.linspace(-12, 12, 4001)
+    torch.testing.assert_close(_exact_gelu(x), torch.nn.GELU()(x), rtol=0, atol=2e-6)
+    # In float64 the two agree to rounding, which the tanh approximation (error up to 5e-4) would not.
+    torch.testing.assert_close(_exact_gelu(x.double()), torch.nn.GELU()(x.double()), rtol=0, atol=1e-12)
+
+
+def test_evaluation_block_replaces_only_a_plain_gelu(monkeypatch):
+    layer = _model_with_bank().rald.itrr
+    tokens = 10 * torch.randn(5, layer.norm2.normalized_shape[0], generator=torch.Generator().manual_seed(2))
+    module_calls = []
+    gelu_forward = torch.nn.GELU.forward
+    monkeypatch.setattr(torch.nn.GELU, "forward", lambda module, x: module_calls.append(1) or gelu_forward(module, x))
+    with torch.no_grad():
+        computed, _ = layer.forward_eval(tokens, mode="self")
+        assert module_calls == []
+        handle = layer.mlp.act.register_forward_hook(lambda *args: None)
+        hooked, _ = layer.forward_eval(tokens, mode="self")
+        handle.remove()
+    assert module_calls == [1]  # with a hook, the module runs and calls it
+    torch.testing.assert_close(computed, hooked, rtol=0, atol=1e-5)
+    assert not torch.equal(computed, tokens)
+
+
+def test_hooks_on_the_inner_model_still_run():
+    model = _model_with_bank()
+    images = tiny_images(4)
+    seen = []
+    with torch.no_grad():
+        plain = model(images)  # without hooks the inner model's module call is skipped
+        handle = model.rald.register_forward_hook(lambda module, args, output: seen.append(output))
+        hooked = model(images)
+        handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0].last_hidden_state, hooked.last_hidden_state, rtol=0, atol=0)
+    for field in ("logits", "image_relations", "last_hidden_state", "backbone_features"):
+        torch.testing.assert_close(getattr(hooked, field), getattr(plain, field), rtol=0, atol=0)
 
 
 def test_folded_lgifo_yields_to_hooks():
@@ -217,6 +256,39 @@ def test_bank_check_backbone_load():
     state = {name: tensor + 0.5 for name, tensor in model.rald.backbone.state_dict().items()}
     model.rald.backbone.load_state_dict(state)
     assert _raises_stale_bank(model)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"norm_first": True, "feature_norm": "batch_norm"}])
+def test_constants_cache_notices_every_edit_it_depends_on(overrides):
+    """Edit each tensor outside the backbone in place, one after another: the cached constants must always equal
+    freshly computed ones, while edits of tensors they do not read leave the cache in place."""
+    rald = _model_with_bank(**overrides).rald
+    backbone_ids = {id(tensor) for tensor in (*rald.backbone.parameters(), *rald.backbone.buffers())}
+    head = [
+        (name, tensor)
+        for name, tensor in (*rald.named_parameters(), *rald.named_buffers())
+        if id(tensor) not in backbone_ids and tensor.is_floating_point()
+    ]
+    cache_kept = []
+    with torch.no_grad():
+        for name, tensor in head:
+            before = rald.inference_constants(with_bank=True)
+            tensor.mul_(1.1).add_(0.05)  # changes zeros too, and keeps variances positive
+            cached = rald.inference_constants(with_bank=True)
+            fresh = rald._compute_constants(with_bank=True, fold=True)
+            for got, expected in zip(_constant_tensors(cached), _constant_tensors(fresh), strict=True):
+                torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"stale constants after editing {name}")
+            if cached is before:
+                cache_kept.append(name)
+    unread = {"itrr.mlp.fc1.weight", "itrr.attention.proj.bias", "lgifo.mlp.fc2.weight", "lgifo.norm2.weight"}
+    assert unread <= set(cache_kept)
+    assert "itrr.attention.qkv.weight" not in cache_kept
+    assert "label_encoder.proj.weight" not in cache_kept
+
+
+def _constant_tensors(constants) -> list[torch.Tensor]:
+    bank = constants.bank or ()
+    return [constants.label_tokens, constants.label_keys, *(constants.label_attention or ()), *bank]
 
 
 def test_bank_keys_cached_until_weights_change():
