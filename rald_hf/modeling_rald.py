@@ -130,17 +130,27 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_plain(module: nn.Module, cls: type[nn.Module]) -> bool:
-    """Return whether ``module`` is exactly a ``cls`` without hooks of its own, so an equivalent computation may
-    replace its call."""
-    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
+    """Return whether ``module`` is exactly a ``cls`` with no forward hooks, no ``forward`` set on the instance
+    (as accelerate's hooks do) and no ``compile()``, so an equivalent computation may replace its call."""
+    return (
+        type(module) is cls
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and "forward" not in vars(module)
+        and getattr(module, "_compiled_call_impl", None) is None
+    )
+
+
+def _is_exact_gelu(module: nn.Module) -> bool:
+    """Return whether ``module`` is a plain ``nn.GELU`` (see `_is_plain`) with the exact, error-function form."""
+    return _is_plain(module, nn.GELU) and module.approximate == "none"
 
 
 def _exact_gelu(x: torch.Tensor) -> torch.Tensor:
     """Compute ``nn.GELU()`` (the exact, error-function form) as x/2 + x/2 · erf(x/√2).
 
-    On CPU, ``F.gelu`` passes float tensors to oneDNN, which costs several microseconds per call whatever
-    the size: more than the arithmetic for the rows of a small batch. These three elementwise operations
-    give the same values to float rounding (within 2e-6 for |x| < 16) in a fraction of the time.
+    On CPU, ``F.gelu`` passes float32 tensors to oneDNN, which costs several microseconds per call whatever
+    the size: more than the arithmetic for the rows of a small batch. In float32 these four elementwise
+    operations give the same values to float rounding (within 2e-6 for |x| <= 12) in less time.
     """
     half = x * 0.5
     return torch.addcmul(half, half, torch.erf(x * 0.7071067811865476))
@@ -310,19 +320,23 @@ class RALDLayer(nn.Module):
         replaces ``norm1`` in post-norm blocks, and the wrappers around the attention's and the feed-forward
         network's layers, and runs the attention's own ``forward_eval``. The result is the same with less
         than half the module calls per block: at batch 1 after a small backbone, each call adds measurable
-        time. On CPU, an exact ``nn.GELU`` without hooks is computed by `_exact_gelu`. The feed-forward
-        network's linear layers are still called as modules, so hooks and adapters on them keep working.
+        time. An exact ``nn.GELU`` without hooks, on float32 tensors on CPU, is computed by `_exact_gelu`.
+        The feed-forward network's linear layers are still called as modules, so hooks and adapters on them
+        keep working.
         """
         mlp = self.mlp
         attended, scores = self.attention.forward_eval(self.norm1(x) if self.norm_first else x, **kwargs)
         hidden = x + attended if self.residual else attended
 
+        inner = mlp.fc1(self.norm2(hidden) if self.norm_first else hidden)
         act = mlp.act
-        if x.device.type == "cpu" and _is_plain(act, nn.GELU) and act.approximate == "none":
-            act = _exact_gelu
+        if inner.device.type == "cpu" and inner.dtype == torch.float32 and _is_exact_gelu(act):
+            inner = _exact_gelu(inner)
+        else:
+            inner = act(inner)
         if self.norm_first:
-            return hidden + mlp.fc2(act(mlp.fc1(self.norm2(hidden)))), scores
-        return self.norm2(hidden + mlp.fc2(act(mlp.fc1(hidden)))), scores
+            return hidden + mlp.fc2(inner), scores
+        return self.norm2(hidden + mlp.fc2(inner)), scores
 
     def project_context(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise context tokens as the block's input is normalised, then project them to keys and values."""
@@ -923,9 +937,9 @@ class RALDModel(RALDPreTrainedModel):
         `_compute_constants` reads (`_constant_sources`), and of the backbone's first and last parameters, which
         stand for the backbone in the reference bank's check. So an optimizer step, ``load_state_dict``, an
         in-place edit of such a tensor or a device move changes it. The other tensors are left out because the
-        constants do not depend on them. Each counter is read on every call: for all 353 tensors of RALD on
-        MobileNetV2, that cost several percent of the forward pass at batch 1. The tensor list is kept between
-        calls, because walking the module tree costs more than reading the counters.
+        constants do not depend on them: reading the counters of all 353 tensors of RALD on MobileNetV2 on every
+        call cost several percent of the forward pass at batch 1. The tensor list is kept between calls,
+        because walking the module tree costs more than reading the counters.
         """
         if self._tracked_tensors is None:
             backbone = list(self.backbone.parameters())
@@ -1084,8 +1098,9 @@ class RALDModel(RALDPreTrainedModel):
     ) -> _Encoding:
         """Compute `forward`'s fields (same arguments) and return them as a named tuple, not an output object.
 
-        `RALDForImageClassification` calls this rather than the module when ``rald`` has no hooks: at batch 1
-        after a small backbone, building the inner output object costs as much as a linear layer of the head.
+        In evaluation without gradients, `RALDForImageClassification` calls this rather than the module when
+        ``rald`` has no hooks: at batch 1 after a small backbone, building the inner output object costs as
+        much as a linear layer of the head.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -1193,9 +1208,9 @@ class RALDForImageClassification(RALDPreTrainedModel):
             return_dict: Return a `RALDImageClassifierOutput` instead of a tuple.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if _is_plain(self.rald, RALDModel):
+        if not self.training and not torch.is_grad_enabled() and _is_plain(self.rald, RALDModel):
             outputs = self.rald._encode(pixel_values, relation_mode, output_hidden_states)
-        else:  # hooks on the inner model see its module call
+        else:  # training, and hooks on the inner model, see its module call
             outputs = self.rald(
                 pixel_values, relation_mode=relation_mode, output_hidden_states=output_hidden_states, return_dict=True
             )

@@ -66,7 +66,20 @@ def test_exact_gelu_matches_the_module():
     torch.testing.assert_close(_exact_gelu(x.double()), torch.nn.GELU()(x.double()), rtol=0, atol=1e-12)
 
 
-def test_evaluation_block_replaces_only_a_plain_gelu(monkeypatch):
+class _GELUSubclass(torch.nn.GELU):
+    pass
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda layer: layer.mlp.act.register_forward_hook(lambda *args: None),
+        lambda layer: setattr(layer.mlp, "act", torch.nn.GELU(approximate="tanh")),
+        lambda layer: setattr(layer.mlp, "act", _GELUSubclass()),
+    ],
+    ids=["hook", "tanh", "subclass"],
+)
+def test_evaluation_block_replaces_only_a_plain_gelu(change, monkeypatch):
     layer = _model_with_bank().rald.itrr
     tokens = 10 * torch.randn(5, layer.norm2.normalized_shape[0], generator=torch.Generator().manual_seed(2))
     module_calls = []
@@ -75,11 +88,11 @@ def test_evaluation_block_replaces_only_a_plain_gelu(monkeypatch):
     with torch.no_grad():
         computed, _ = layer.forward_eval(tokens, mode="self")
         assert module_calls == []
-        handle = layer.mlp.act.register_forward_hook(lambda *args: None)
-        hooked, _ = layer.forward_eval(tokens, mode="self")
-        handle.remove()
-    assert module_calls == [1]  # with a hook, the module runs and calls it
-    torch.testing.assert_close(computed, hooked, rtol=0, atol=1e-5)
+        expected, _ = layer(tokens, mode="self")  # the modules' forward pass
+        change(layer)
+        layer.forward_eval(tokens, mode="self")
+    assert module_calls == [1, 1]  # the module path above, then the changed activation
+    torch.testing.assert_close(computed, expected, rtol=0, atol=1e-6)
     assert not torch.equal(computed, tokens)
 
 
@@ -96,6 +109,34 @@ def test_hooks_on_the_inner_model_still_run():
     torch.testing.assert_close(seen[0].last_hidden_state, hooked.last_hidden_state, rtol=0, atol=0)
     for field in ("logits", "image_relations", "last_hidden_state", "backbone_features"):
         torch.testing.assert_close(getattr(hooked, field), getattr(plain, field), rtol=0, atol=0)
+
+
+def test_inner_model_call_in_training(monkeypatch):
+    model = _model_with_bank().train()
+    calls = []
+    call = torch.nn.Module.__call__
+    monkeypatch.setattr(
+        torch.nn.Module, "__call__", lambda module, *a, **k: calls.append(module) or call(module, *a, **k)
+    )
+    model(tiny_images(4))
+    assert model.rald in calls
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(tiny_images(4), relation_mode="transductive")  # training moved the batch-norm statistics
+    assert model.rald not in calls  # in evaluation without gradients the module call is skipped
+
+
+@pytest.mark.parametrize("with_gradients", [False, True])
+def test_tuple_outputs_match_output_objects(with_gradients):
+    model = _model_with_bank()
+    images = tiny_images(4)
+    with torch.set_grad_enabled(with_gradients):
+        for module in (model, model.rald):
+            objects = module(images, output_hidden_states=True).to_tuple()
+            plain = module(images, output_hidden_states=True, return_dict=False)
+            assert len(plain) == len(objects)
+            for got, expected in zip(plain, objects, strict=True):
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_folded_lgifo_yields_to_hooks():
@@ -258,7 +299,9 @@ def test_bank_check_backbone_load():
     assert _raises_stale_bank(model)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"norm_first": True, "feature_norm": "batch_norm"}])
+@pytest.mark.parametrize(
+    "overrides", [{"use_hierarchy_bias": True}, {"norm_first": True, "feature_norm": "batch_norm"}]
+)
 def test_constants_cache_notices_every_edit_it_depends_on(overrides):
     """Edit each tensor outside the backbone in place, one after another: the cached constants must always equal
     freshly computed ones, while edits of tensors they do not read leave the cache in place."""
