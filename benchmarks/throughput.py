@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from rald_hf import LabelSpace, RALDConfig, RALDForImageClassification
+from rald_hf.modeling_rald import _exact_gelu
 from rald_hf.training import RALDTrainer, RALDTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -376,7 +377,8 @@ def head_parts(args: argparse.Namespace) -> str:
             ),
         ),
         ("classifier", lambda: rald.classifier(tokens)),
-        (f"exact GELU of one {hidden.shape[1]}-wide row", lambda: model.itrr.mlp.act(hidden)),
+        (f"exact GELU of one {hidden.shape[1]}-wide row, nn.GELU (oneDNN)", lambda: model.itrr.mlp.act(hidden)),
+        (f"exact GELU of one {hidden.shape[1]}-wide row, from erf (evaluation path)", lambda: _exact_gelu(hidden)),
     ]
     # For timing the head alone, an instance attribute replaces the backbone call of this one model.
     model.extract_backbone_features = lambda pixel_values: features
