@@ -935,9 +935,9 @@ class RALDModel(RALDPreTrainedModel):
 
         It contains the storage address and the in-place version counter of every tensor that
         `_compute_constants` reads (`_constant_sources`), and of the backbone's first and last parameters, which
-        stand for the backbone in the reference bank's check. So an optimizer step, ``load_state_dict``, an
+        represent the backbone in the reference bank's check. So an optimizer step, ``load_state_dict``, an
         in-place edit of such a tensor or a device move changes it. The other tensors are left out because the
-        constants do not depend on them: reading the counters of all 353 tensors of RALD on MobileNetV2 on every
+        constants do not depend on them. Reading the counters of all 353 tensors of RALD on MobileNetV2 on every
         call cost several percent of the forward pass at batch 1. The tensor list is kept between calls,
         because walking the module tree costs more than reading the counters.
         """
@@ -976,7 +976,7 @@ class RALDModel(RALDPreTrainedModel):
         return self._constants[1]
 
     def _constant_sources(self) -> list[torch.Tensor]:
-        """Return the parameters and buffers that `_compute_constants` reads; keep the two methods in step."""
+        """Return the parameters and buffers that `_compute_constants` reads. Keep the two methods in step."""
         modules: list[nn.Module] = [self.label_encoder, self.image_proj]
         if self.feature_norm is not None:
             modules.append(self.feature_norm)
@@ -1210,7 +1210,7 @@ class RALDForImageClassification(RALDPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if not self.training and not torch.is_grad_enabled() and _is_plain(self.rald, RALDModel):
             outputs = self.rald._encode(pixel_values, relation_mode, output_hidden_states)
-        else:  # training, and hooks on the inner model, see its module call
+        else:  # training, and any hook on the inner model, needs its module call
             outputs = self.rald(
                 pixel_values, relation_mode=relation_mode, output_hidden_states=output_hidden_states, return_dict=True
             )
