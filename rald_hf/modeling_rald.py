@@ -61,7 +61,7 @@ class RALDModelOutput(ModelOutput):
         image_relations: Raw relation scores λ·QKᵀ of ITRR, shape (N, H, K). K is N in transductive and self
             mode (the batch), the size of the global batch in multi-process training with global relation scope,
             and 1 + M in reference mode (the image itself, then the bank). ``None`` when ITRR is disabled, or in
-            self mode outside training.
+            self and reference mode outside training.
         relation_offset: With global relation scope, the position of this process's first image in the global
             batch: image i of the batch is relation column ``relation_offset + i``. ``None`` otherwise.
         backbone_features: Pooled backbone features (F), shape (N, Dv).
@@ -180,8 +180,8 @@ class InferenceConstants:
         label_keys: LGIFO keys of the label tokens, shape (H, C, Dh), or ``None`` without LGIFO.
         label_attention: LGIFO's query and output projections folded into the label keys and values, as
             `LabelGuidedAttention.fold_labels` returns them, or ``None`` without LGIFO.
-        bank: ITRR keys of the reference bank, transposed and multiplied by the attention scale (H, Dh, M),
-            and its values (H, M, Dh). ``None`` outside reference mode.
+        bank: ITRR keys and values of the reference bank, each of shape (H, M, Dh) and contiguous. ``None``
+            outside reference mode.
     """
 
     label_tokens: torch.Tensor
@@ -385,24 +385,39 @@ class ImageRelationAttention(nn.Module):
                 more than ``x`` (the global batch of multi-process training). Defaults to ``x``.
             mode: ``"transductive"`` attends to the batch (or ``context``), ``"self"`` only to the image
                 itself, ``"reference"`` to the image itself and the bank.
-            bank: Keys of the reference bank (H, Dh, M), already transposed and scaled, and its values
-                (H, M, Dh), as `InferenceConstants.bank` contains them. Required in reference mode.
-            need_scores: Compute the relation scores in self mode, where the attention does not need them.
+            bank: Keys and values of the reference bank, each (H, M, Dh), as `InferenceConstants.bank` holds
+                them. Required in reference mode.
+            need_scores: Return the relation scores in self and reference mode. Self mode does not need them
+                for the attention, and reference mode computes a single image's attention in one
+                ``scaled_dot_product_attention`` call, which does not return them.
 
         Returns:
-            The heads' outputs, merged to shape (N, D), and the scores (N, H, K), or ``None`` in self mode
-            without ``need_scores``.
+            The heads' outputs, merged to shape (N, D), and the scores (N, H, K), or ``None`` in self and
+            reference mode without ``need_scores``.
         """
         q, k, v = _split_fused_heads(self.qkv(x), self.num_heads, 3)  # 3 x (H, N, Dh)
 
         if mode == "reference":
-            bank_keys, bank_values = bank  # (H, Dh, M), (H, M, Dh)
-            self_scores = (q * k).sum(-1, keepdim=True) * self.scale  # (H, N, 1)
-            scores = torch.cat([self_scores, q @ bank_keys], dim=-1)  # (H, N, 1 + M)
+            bank_keys, bank_values = bank  # 2 x (H, M, Dh)
+            if len(x) == 1 and not need_scores:
+                # One image: its key and value go in front of the bank's, so one fused kernel does the attention
+                # in fewer operations than the explicit form below.
+                out = F.scaled_dot_product_attention(
+                    q,
+                    torch.cat([k, bank_keys], dim=1),  # (H, 1 + M, Dh)
+                    torch.cat([v, bank_values], dim=1),
+                    dropout_p=self.attention_dropout.p if self.training else 0.0,
+                    scale=self.scale,
+                )
+                return _merge_heads(out), None
+            self_scores = (q * k).sum(-1, keepdim=True)  # (H, N, 1)
+            scores = torch.cat([self_scores, q @ bank_keys.transpose(-2, -1)], dim=-1) * self.scale  # (H, N, 1 + M)
             probs = scores.softmax(dim=-1)
             if self.training:
                 probs = self.attention_dropout(probs)
             out = torch.baddbmm(probs[..., :1] * v, probs[..., 1:], bank_values)  # self term + bank terms
+            if not need_scores:
+                scores = None
         elif mode == "self":
             # Softmax over a single key is 1, so each image's output is its own value.
             scores = q @ k.transpose(-2, -1) * self.scale if need_scores else None  # (H, N, N)
@@ -1000,9 +1015,8 @@ class RALDModel(RALDPreTrainedModel):
         if with_bank:
             self._check_bank_fingerprint()
             bank_tokens = self.embed_features(self.reference_features, use_running_stats=True)  # (M, D)
-            keys, values = self.itrr.project_context(bank_tokens)  # 2 x (H, M, Dh)
-            # Scaled and transposed once here rather than in every forward call.
-            bank = ((keys * self.itrr.attention.scale).transpose(-2, -1).contiguous(), values)
+            keys, values = self.itrr.project_context(bank_tokens)  # 2 x (H, M, Dh), views of one projection
+            bank = (keys.contiguous(), values.contiguous())
         return InferenceConstants(
             label_tokens=label_tokens, label_keys=label_keys, label_attention=label_attention, bank=bank
         )

@@ -195,11 +195,32 @@ def test_auto_mode_uses_bank():
     assert model.config.reference_bank_fingerprint is None
 
 
-def test_reference_relations_cover_self_and_bank():
+def test_reference_scores_only_when_needed():
     model = _model_with_bank(bank_size=13)
+    images = tiny_images(5)
     with torch.no_grad():
-        outputs = model(tiny_images(5), relation_mode="reference")
-    assert outputs.image_relations.shape == (5, 3, 14)
+        assert model(images, relation_mode="reference").image_relations is None
+    assert model(images, relation_mode="reference").image_relations is None  # with gradients, still eval mode
+    attention = model.rald.itrr.attention
+    with torch.no_grad():
+        bank = model.rald.inference_constants(with_bank=True).bank
+        _, scores = attention.attend(torch.randn(5, 30), mode="reference", bank=bank, need_scores=True)
+    assert scores.shape == (5, 3, 14)  # each image, then the bank
+
+
+def test_single_image_attention_matches_explicit():
+    model = _model_with_bank(bank_size=13)
+    attention = model.rald.itrr.attention
+    with torch.no_grad():
+        attention.qkv.weight.normal_(std=0.3, generator=torch.Generator().manual_seed(1))  # peaked attention
+        bank = model.rald.inference_constants(with_bank=True).bank
+        token = torch.randn(1, 30, generator=torch.Generator().manual_seed(2))
+        fused, no_scores = attention.attend(token, mode="reference", bank=bank, need_scores=False)
+        explicit, scores = attention.attend(token, mode="reference", bank=bank, need_scores=True)
+    assert no_scores is None
+    assert scores.shape == (1, 3, 14)
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-6)
+    assert explicit.abs().max() > 0.3
 
 
 def test_bank_is_class_balanced_and_seeded():
