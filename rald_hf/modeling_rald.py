@@ -433,11 +433,17 @@ class ImageRelationAttention(nn.Module):
     def project_keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project tokens that need no query with the key and value rows of the fused projection.
 
+        A plain ``nn.Linear`` projection is applied with its key and value rows only. Another module in its
+        place (an adapter such as LoRA) or one with hooks is called as a module, and its query columns dropped.
+
         Returns:
             Keys and values, each of shape (H, K, Dh).
         """
         dim = self.proj.in_features
-        keys_values = F.linear(tokens, self.qkv.weight[dim:], self.qkv.bias[dim:])  # (K, 2D)
+        if _is_plain(self.qkv, nn.Linear):
+            keys_values = F.linear(tokens, self.qkv.weight[dim:], self.qkv.bias[dim:])  # (K, 2D)
+        else:
+            keys_values = self.qkv(tokens)[:, dim:]
         return _split_fused_heads(keys_values, self.num_heads, 2)
 
 
@@ -942,7 +948,9 @@ class RALDModel(RALDPreTrainedModel):
 
     def train(self, mode: bool = True) -> "RALDModel":
         # Weights change hands between training and inference at a mode switch, so the bank is checked again.
+        # The tracked tensors are listed again too, in case modules were replaced (by adapters such as LoRA).
         self._bank_checked = False
+        self._tracked_tensors = None
         return super().train(mode)
 
     def _weights_key(self) -> tuple:
@@ -954,7 +962,8 @@ class RALDModel(RALDPreTrainedModel):
         in-place edit of such a tensor or a device move changes it. The other tensors are left out because the
         constants do not depend on them. Reading the counters of all 353 tensors of RALD on MobileNetV2 on every
         call cost several percent of the forward pass at batch 1. The tensor list is kept between calls,
-        because walking the module tree costs more than reading the counters.
+        because walking the module tree costs more than reading the counters, and listed again after a mode
+        switch, a load or a device move.
         """
         if self._tracked_tensors is None:
             backbone = list(self.backbone.parameters())
@@ -1008,9 +1017,11 @@ class RALDModel(RALDPreTrainedModel):
         label_tokens = self.label_encoder()  # (C, D)
         label_keys = label_attention = None
         if self.lgifo is not None:
-            label_keys = self.lgifo.attention.project_keys(label_tokens)
-            if fold:
-                label_attention = self.lgifo.attention.fold_labels(label_tokens, label_keys)
+            attention = self.lgifo.attention
+            label_keys = attention.project_keys(label_tokens)
+            # Only plain linear layers are folded. `LabelGuidedAttention.forward_eval` calls other modules.
+            if fold and _is_plain(attention.q, nn.Linear) and _is_plain(attention.proj, nn.Linear):
+                label_attention = attention.fold_labels(label_tokens, label_keys)
         bank = None
         if with_bank:
             self._check_bank_fingerprint()

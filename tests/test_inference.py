@@ -355,6 +355,54 @@ def _constant_tensors(constants) -> list[torch.Tensor]:
     return [constants.label_tokens, constants.label_keys, *(constants.label_attention or ()), *bank]
 
 
+class _LowRankAdapter(torch.nn.Module):
+    """A linear layer plus a trainable low-rank update, in the way LoRA wraps a projection."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.down.weight, std=1.0)
+        torch.nn.init.normal_(self.up.weight, std=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x))
+
+
+def test_bank_follows_adapter_on_projection():
+    model = _model_with_bank(bank_size=13)
+    attention = model.rald.itrr.attention
+    with torch.no_grad():
+        model(tiny_images(3))  # fills the cache with the plain projection
+        plain_values = model.rald.inference_constants(with_bank=True).bank[1]
+    attention.qkv = _LowRankAdapter(attention.qkv)
+    model.eval()  # a mode switch lists the tracked tensors again
+    tokens = model.rald.embed_features(model.rald.reference_features, use_running_stats=True)
+    for _ in range(2):
+        with torch.no_grad():
+            keys, values = model.rald.inference_constants(with_bank=True).bank
+            expected = attention.qkv(tokens)[:, 30:].view(13, 2, 3, 10).permute(1, 2, 0, 3)  # (2, H, M, Dh)
+        torch.testing.assert_close(keys, expected[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(values, expected[1], rtol=0, atol=1e-6)
+        with torch.no_grad():
+            attention.qkv.up.weight.mul_(2)  # an in-place edit of the adapter must refresh the bank too
+    assert (values - plain_values).abs().max() > 0.01
+
+
+def test_label_attention_with_adapter_on_query():
+    model = _model_with_bank()
+    attention = model.rald.lgifo.attention
+    attention.q = _LowRankAdapter(attention.q)
+    model.eval()
+    images = tiny_images(5)
+    with torch.no_grad():
+        shorter = model(images).logits
+        assert model.rald.inference_constants(with_bank=True).label_attention is None
+    full = model(images).logits  # with gradients: the modules' forward
+    torch.testing.assert_close(shorter, full.detach(), rtol=0, atol=1e-6)
+
+
 def test_bank_keys_cached_until_weights_change():
     model = _model_with_bank()
     with torch.no_grad():
