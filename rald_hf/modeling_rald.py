@@ -179,7 +179,8 @@ class InferenceConstants:
         label_tokens: HLRR output S̃, shape (C, D).
         label_keys: LGIFO keys of the label tokens, shape (H, C, Dh), or ``None`` without LGIFO.
         label_attention: LGIFO's query and output projections folded into the label keys and values, as
-            `LabelGuidedAttention.fold_labels` returns them, or ``None`` without LGIFO.
+            `LabelGuidedAttention.fold_labels` returns them, or ``None`` without LGIFO or when either
+            projection is not a plain ``nn.Linear`` (an adapter, or hooks).
         bank: ITRR keys and values of the reference bank, each of shape (H, M, Dh) and contiguous. ``None``
             outside reference mode.
     """

@@ -411,7 +411,8 @@ def test_bank_keys_cached_until_weights_change():
         model.rald.image_proj.weight.add_(0.1)
         second = model.rald.inference_constants(with_bank=True).bank
     assert second is not first
-    assert (second[1] - first[1]).abs().max() > 1e-4  # the values; the keys are scaled down
+    assert (second[0] - first[0]).abs().max() > 1e-4
+    assert (second[1] - first[1]).abs().max() > 1e-4
 
 
 def test_constants_follow_device_and_dtype_moves():
