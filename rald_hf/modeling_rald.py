@@ -237,8 +237,10 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
     """Summarise backbone weights in a short string that changes when the weights are trained further.
 
     Per tensor, the sum and the sum of squares, rounded to 4 significant digits so that the fingerprint
-    survives casts to another dtype or device. Tiny weight changes below that precision go unnoticed.
+    survives device moves and casts to float64. Tiny weight changes below that precision go unnoticed.
     """
+    # NOTE: casting the weights to bfloat16 or float16 changes the rounded sums, so reference mode then
+    # raises until the bank is rebuilt.
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in backbone.state_dict().items():
