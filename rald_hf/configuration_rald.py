@@ -135,7 +135,8 @@ class RALDConfig(PreTrainedConfig):
         reference_bank_size (`int`, defaults to 0):
             Number of training-image features stored in the reference bank; 0 means no bank.
         reference_bank_fingerprint (`str`, *optional*):
-            Fingerprint of the backbone weights the bank was built with; reference mode checks it.
+            Fingerprints of the backbone weights the bank was built with, comma-separated: as they were, and
+            as casts to bfloat16 and float16 round them. Reference mode checks the current weights against them.
         relation_scope (`str`, defaults to `"auto"`):
             In multi-process training, ``"global"`` gathers features from every process so that ITRR and NNLDL
             see the whole global batch, ``"local"`` keeps them per process. ``"auto"`` is global when more

@@ -233,22 +233,29 @@ def gather_across_processes(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     return rows, sum(sizes[:rank])
 
 
-def backbone_fingerprint(backbone: nn.Module) -> str:
+def backbone_fingerprint(backbone: nn.Module, rounded_to: torch.dtype | None = None) -> str:
     """Summarise backbone weights in a short string that changes when the weights are trained further.
 
     Per tensor, the sum and the sum of squares, rounded to 4 significant digits so that the fingerprint
     survives device moves and casts to float64. Tiny weight changes below that precision go unnoticed.
+    ``rounded_to`` first rounds each tensor to that dtype, which gives the fingerprint the weights will have
+    after a cast to it.
     """
-    # NOTE: casting the weights to bfloat16 or float16 changes the rounded sums, so reference mode then
-    # raises until the bank is rebuilt.
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in backbone.state_dict().items():
             if not tensor.is_floating_point():
                 continue
-            values = tensor.detach().double()
+            values = (tensor.detach() if rounded_to is None else tensor.detach().to(rounded_to)).double()
             digest.update(f"{name}:{float(values.sum()):.4g}:{float((values * values).sum()):.4g};".encode())
     return digest.hexdigest()[:16]
+
+
+def bank_fingerprints(backbone: nn.Module) -> str:
+    """Return the fingerprints the bank accepts, comma-separated: the weights as they are, then as casts to
+    bfloat16 and float16 would round them, so that a cast model keeps its bank."""
+    dtypes = (None, torch.bfloat16, torch.float16)
+    return ",".join(dict.fromkeys(backbone_fingerprint(backbone, dtype) for dtype in dtypes))
 
 
 def _tensors_key(tensors: list[torch.Tensor], has_inference_tensors: bool) -> tuple:
@@ -873,7 +880,7 @@ class RALDModel(RALDPreTrainedModel):
         self.reference_features = features.detach().to(device=device, dtype=self.reference_features.dtype)
         self.reference_labels = labels.detach().to(device=device, dtype=torch.long)
         self.config.reference_bank_size = int(features.shape[0])
-        self.config.reference_bank_fingerprint = backbone_fingerprint(self.backbone) if len(features) else None
+        self.config.reference_bank_fingerprint = bank_fingerprints(self.backbone) if len(features) else None
         self._forget_tensors()
 
     def clear_reference_bank(self) -> None:
@@ -1052,7 +1059,7 @@ class RALDModel(RALDPreTrainedModel):
         tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
         key = _tensors_key(tensors, any(tensor.is_inference() for tensor in tensors))
         if key != self._backbone_key:
-            if backbone_fingerprint(self.backbone) != expected:
+            if backbone_fingerprint(self.backbone) not in expected.split(","):
                 raise ValueError(
                     "The reference bank was built with other backbone weights than the model now has, so its "
                     "features no longer match. Rebuild it with build_reference_bank, or pass "

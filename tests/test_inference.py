@@ -266,6 +266,21 @@ def test_stale_bank_raises_until_rebuilt():
         assert model(tiny_images(2)).logits.shape == (2, 7)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_bank_survives_cast(dtype):
+    model = _model_with_bank().to(dtype)
+    images = tiny_images(4).to(dtype)
+    with torch.no_grad():
+        batch = model(images).logits
+        alone = torch.cat([model(images[i : i + 1]).logits for i in range(4)])
+    assert batch.dtype == dtype
+    torch.testing.assert_close(alone, batch)
+    with torch.no_grad():
+        model.rald.backbone.conv_stem.weight.mul_(1.5)
+        with pytest.raises(ValueError, match="reference bank was built with other backbone weights"):
+            model(images)
+
+
 def _raises_stale_bank(model: RALDForImageClassification) -> bool:
     try:
         with torch.no_grad():
