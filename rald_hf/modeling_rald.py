@@ -518,12 +518,17 @@ class LabelGuidedAttention(nn.Module):
         with other modules in their place (adapters), the layers are called as modules.
         """
         # NOTE: hooks registered for all modules (register_module_forward_hook) do not see the folded layers.
-        if folded is not None and _is_plain(self.q, nn.Linear) and _is_plain(self.proj, nn.Linear):
+        if folded is not None and self.can_fold():
             score_weight, score_bias, projected_values = folded
             probs = F.linear(x, score_weight, score_bias).view(len(x), self.num_heads, -1).softmax(dim=-1)
             return torch.addmm(self.proj.bias, probs.view(len(x), -1), projected_values), None  # (N, D)
         out, _ = self.attend(x, labels, label_keys)
         return self.proj(out), None
+
+    def can_fold(self) -> bool:
+        """Return whether ``q`` and ``proj`` are plain linear layers (no hooks, no adapter in their place), the
+        only case in which `fold_labels` may replace their calls."""
+        return _is_plain(self.q, nn.Linear) and _is_plain(self.proj, nn.Linear)
 
     def fold_labels(
         self, labels: torch.Tensor, label_keys: torch.Tensor
@@ -1029,8 +1034,7 @@ class RALDModel(RALDPreTrainedModel):
         if self.lgifo is not None:
             attention = self.lgifo.attention
             label_keys = attention.project_keys(label_tokens)
-            # Only plain linear layers are folded. `LabelGuidedAttention.forward_eval` calls other modules.
-            if fold and _is_plain(attention.q, nn.Linear) and _is_plain(attention.proj, nn.Linear):
+            if fold and attention.can_fold():  # otherwise `LabelGuidedAttention.forward_eval` calls the modules
                 label_attention = attention.fold_labels(label_tokens, label_keys)
         bank = None
         if with_bank:
