@@ -359,23 +359,14 @@ def head_parts(args: argparse.Namespace) -> str:
         "bare backbone with its classifier": lambda: bare(images),
         "RALD's backbone and pooling": lambda: extract_backbone_features(images),
     }
+    plan = constants.plan
     parts: list[tuple[str, Callable[[], Any]]] = [
         ("whole head: RALD with the backbone features given", lambda: rald(images)),
         ("weight check of the inference cache", lambda: model.inference_constants(with_bank=True)),
-        ("image projection", lambda: model.embed_features(features)),
-        (
-            "ITRR block (reference mode)",
-            lambda: model.itrr.forward_eval(tokens, mode="reference", bank=constants.bank, need_scores=False),
-        ),
-        (
-            "LGIFO block",
-            lambda: model.lgifo.forward_eval(
-                tokens,
-                labels=constants.label_tokens,
-                label_keys=constants.label_keys,
-                folded=constants.label_attention,
-            ),
-        ),
+        ("module check of the evaluation plan", plan.applies),
+        ("image projection", lambda: plan.embed(features)),
+        ("ITRR block (reference mode)", lambda: plan.relate(tokens, "reference", constants.bank)),
+        ("LGIFO block", lambda: plan.guide(tokens)),
         ("classifier", lambda: rald.classifier(tokens)),
         (f"exact GELU of one {hidden.shape[1]}-wide row, nn.GELU (oneDNN)", lambda: model.itrr.mlp.act(hidden)),
         (f"exact GELU of one {hidden.shape[1]}-wide row, from erf (evaluation path)", lambda: _exact_gelu(hidden)),

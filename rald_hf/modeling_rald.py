@@ -12,7 +12,9 @@ Dv backbone feature width, Ds label embedding width.
 """
 
 import hashlib
+import operator
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -23,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
@@ -41,6 +44,8 @@ __all__ = [
 
 RelationMode = Literal["transductive", "reference", "self"]
 
+_version_counter = operator.attrgetter("_version")
+
 # Uploads a model with its card and image processor; `rald_hf.hub` installs it on import. When this file
 # runs as remote code without rald_hf, push_to_hub keeps transformers' own behaviour.
 _PUSH_HANDLER: Callable[..., Any] | None = None
@@ -52,8 +57,23 @@ def set_push_handler(handler: Callable[..., Any] | None) -> None:
     _PUSH_HANDLER = handler
 
 
+class _FieldTableOutput(ModelOutput):
+    """`ModelOutput` whose field assignment looks the field names up in the dataclass's own table.
+
+    ``ModelOutput.__setattr__`` collects the names anew on every assignment, and the dataclass constructor
+    assigns every field, so building an output object took about 20 µs in a hot loop and 60 µs right after a
+    MobileNetV2 call: at batch 1, most of a percent of the forward pass. The stored values and dict entries are
+    the same.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if value is not None and name in self.__dataclass_fields__:
+            OrderedDict.__setitem__(self, name, value)
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class RALDModelOutput(ModelOutput):
+class RALDModelOutput(_FieldTableOutput):
     """Output of `RALDModel`.
 
     Args:
@@ -79,7 +99,7 @@ class RALDModelOutput(ModelOutput):
 
 
 @dataclass
-class RALDImageClassifierOutput(ModelOutput):
+class RALDImageClassifierOutput(_FieldTableOutput):
     """Output of `RALDForImageClassification`.
 
     Args:
@@ -140,11 +160,6 @@ def _is_plain(module: nn.Module, cls: type[nn.Module]) -> bool:
     )
 
 
-def _is_exact_gelu(module: nn.Module) -> bool:
-    """Return whether ``module`` is a plain ``nn.GELU`` (see `_is_plain`) with the exact, error-function form."""
-    return _is_plain(module, nn.GELU) and module.approximate == "none"
-
-
 def _exact_gelu(x: torch.Tensor) -> torch.Tensor:
     """Compute ``nn.GELU()`` (the exact, error-function form) as x/2 + x/2 · erf(x/√2).
 
@@ -178,17 +193,16 @@ class InferenceConstants:
     Args:
         label_tokens: HLRR output S̃, shape (C, D).
         label_keys: LGIFO keys of the label tokens, shape (H, C, Dh), or ``None`` without LGIFO.
-        label_attention: LGIFO's query and output projections folded into the label keys and values, as
-            `LabelGuidedAttention.fold_labels` returns them, or ``None`` without LGIFO or when either
-            projection is not a plain ``nn.Linear`` (an adapter, or hooks).
         bank: ITRR keys and values of the reference bank, each of shape (H, M, Dh) and contiguous. ``None``
             outside reference mode.
+        plan: The head laid out for evaluation calls without gradients (`EvaluationPlan`), or ``None`` in
+            training, with gradients, or when a module of the head is not one RALD built or has hooks.
     """
 
     label_tokens: torch.Tensor
     label_keys: torch.Tensor | None
-    label_attention: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     bank: tuple[torch.Tensor, torch.Tensor] | None
+    plan: "EvaluationPlan | None" = None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -259,12 +273,14 @@ def bank_fingerprints(backbone: nn.Module) -> str:
 
 
 def _tensors_key(tensors: list[torch.Tensor], has_inference_tensors: bool) -> tuple:
-    """Return the storage address and in-place version counter of each tensor, for spotting changed weights."""
+    """Return the storage addresses and in-place version counters of the tensors, for spotting changed weights."""
     if has_inference_tensors:
         # Tensors created under torch.inference_mode have no version counter.
         # NOTE: in-place edits of such tensors are not detected (see RALDModel.clear_inference_cache).
-        return tuple((tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version) for tensor in tensors)
-    return tuple((tensor.data_ptr(), tensor._version) for tensor in tensors)
+        versions = tuple(-1 if tensor.is_inference() else tensor._version for tensor in tensors)
+    else:
+        versions = tuple(map(_version_counter, tensors))  # map with attrgetter loops in C: cheaper at batch 1
+    return tuple(map(torch.Tensor.data_ptr, tensors)), versions
 
 
 def select_reference_indices(labels: torch.Tensor, size: int, per_class: bool, seed: int) -> torch.Tensor:
@@ -323,31 +339,6 @@ class RALDLayer(nn.Module):
             return hidden + self.mlp(self.norm2(hidden)), scores
         return self.norm2(hidden + self.mlp(hidden)), scores
 
-    def forward_eval(self, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Compute `forward` without context, for evaluation calls without gradients.
-
-        Dropout is the identity in evaluation, so this skips the dropout modules, the identity module that
-        replaces ``norm1`` in post-norm blocks, and the wrappers around the attention's and the feed-forward
-        network's layers, and runs the attention's own ``forward_eval``. The result is the same with less
-        than half the module calls per block: at batch 1 after a small backbone, each call adds measurable
-        time. An exact ``nn.GELU`` without hooks, on float32 tensors on CPU, is computed by `_exact_gelu`.
-        The feed-forward network's linear layers are still called as modules, so hooks and adapters on them
-        keep working.
-        """
-        mlp = self.mlp
-        attended, scores = self.attention.forward_eval(self.norm1(x) if self.norm_first else x, **kwargs)
-        hidden = x + attended if self.residual else attended
-
-        inner = mlp.fc1(self.norm2(hidden) if self.norm_first else hidden)
-        act = mlp.act
-        if inner.device.type == "cpu" and inner.dtype == torch.float32 and _is_exact_gelu(act):
-            inner = _exact_gelu(inner)
-        else:
-            inner = act(inner)
-        if self.norm_first:
-            return hidden + mlp.fc2(inner), scores
-        return self.norm2(hidden + mlp.fc2(inner)), scores
-
     def project_context(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise context tokens as the block's input is normalised, then project them to keys and values."""
         if self.normalize_context:
@@ -373,11 +364,6 @@ class ImageRelationAttention(nn.Module):
         """Attend as `attend` does (same arguments), then apply the output projection and its dropout."""
         out, scores = self.attend(x, context, **kwargs)
         return self.proj_dropout(self.proj(out)), scores
-
-    def forward_eval(self, x: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attend as `attend` does, then apply the output projection, for evaluation calls where dropout is off."""
-        out, scores = self.attend(x, **kwargs)
-        return self.proj(out), scores
 
     def attend(
         self,
@@ -406,10 +392,22 @@ class ImageRelationAttention(nn.Module):
             reference mode without ``need_scores``.
         """
         q, k, v = _split_fused_heads(self.qkv(x), self.num_heads, 3)  # 3 x (H, N, Dh)
+        return self.relate(q, k, v, context, mode, bank, need_scores)
 
+    def relate(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mode: RelationMode = "transductive",
+        bank: tuple[torch.Tensor, torch.Tensor] | None = None,
+        need_scores: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend as `attend` does, from queries, keys and values (each (H, N, Dh)) already projected."""
         if mode == "reference":
             bank_keys, bank_values = bank  # 2 x (H, M, Dh)
-            if len(x) == 1 and not need_scores:
+            if q.shape[1] == 1 and not need_scores:
                 # One image: its key and value go in front of the bank's, so one fused kernel does the attention
                 # in fewer operations than the explicit form below.
                 out = F.scaled_dot_product_attention(
@@ -504,32 +502,6 @@ class LabelGuidedAttention(nn.Module):
         out, _ = self.attend(x, labels, label_keys)
         return self.proj_dropout(self.proj(out)), None
 
-    def forward_eval(
-        self,
-        x: torch.Tensor,
-        labels: torch.Tensor,
-        label_keys: torch.Tensor | None = None,
-        folded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, None]:
-        """Compute `forward` for evaluation, where dropout is off.
-
-        With ``folded`` (from `fold_labels`) and plain linear layers, the query projection, the attention and
-        the output projection take two matrix products and a softmax. With hooks on ``q`` or ``proj``, or
-        with other modules in their place (adapters), the layers are called as modules.
-        """
-        # NOTE: hooks registered for all modules (register_module_forward_hook) do not see the folded layers.
-        if folded is not None and self.can_fold():
-            score_weight, score_bias, projected_values = folded
-            probs = F.linear(x, score_weight, score_bias).view(len(x), self.num_heads, -1).softmax(dim=-1)
-            return torch.addmm(self.proj.bias, probs.view(len(x), -1), projected_values), None  # (N, D)
-        out, _ = self.attend(x, labels, label_keys)
-        return self.proj(out), None
-
-    def can_fold(self) -> bool:
-        """Return whether ``q`` and ``proj`` are plain linear layers (no hooks, no adapter in their place), the
-        only case in which `fold_labels` may replace their calls."""
-        return _is_plain(self.q, nn.Linear) and _is_plain(self.proj, nn.Linear)
-
     def fold_labels(
         self, labels: torch.Tensor, label_keys: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -560,6 +532,16 @@ class LabelGuidedAttention(nn.Module):
             score_bias.reshape(num_heads * count),
             projected_values.reshape(num_heads * count, dim),
         )
+
+    def attend_folded(self, x: torch.Tensor, folded: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Compute `forward` in evaluation from `fold_labels`' output: two matrix products and a softmax.
+
+        Returns:
+            The projected output (N, D), with the projection's bias.
+        """
+        score_weight, score_bias, projected_values = folded
+        probs = F.linear(x, score_weight, score_bias).view(len(x), self.num_heads, -1).softmax(dim=-1)
+        return torch.addmm(self.proj.bias, probs.view(len(x), -1), projected_values)
 
     def attend(
         self, x: torch.Tensor, labels: torch.Tensor, label_keys: torch.Tensor | None = None
@@ -611,6 +593,219 @@ class LabelEncoder(nn.Module):
             bias = self.hierarchy_bias(self.distance_buckets).squeeze(-1).to(tokens.dtype)  # (C, C)
         tokens, _ = self.layer(tokens, bias=bias)
         return self.final_norm(tokens)
+
+
+def _layer_norm(norm: tuple, x: torch.Tensor) -> torch.Tensor:
+    """Apply a layer norm given as ``(normalized_shape, weight, bias, eps)``."""
+    return F.layer_norm(x, *norm)
+
+
+def _layer_norm_args(norm: nn.LayerNorm) -> tuple:
+    return norm.normalized_shape, norm.weight, norm.bias, norm.eps
+
+
+def _global_forward_hooks() -> bool:
+    """Return whether a forward hook for every module is registered (``register_module_forward_hook``)."""
+    hooks = torch.nn.modules.module
+    return bool(getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None))
+
+
+class _NotPlannable(Exception):
+    """A module of the head is not what `EvaluationPlan` computes: another class, hooks, or compiled."""
+
+
+class _Affine(NamedTuple):
+    """A linear layer as one ``addmm``: its weight transposed to (in, out) and made contiguous, and its bias.
+
+    For the few rows of a small batch on CPU, the product with the weight in this layout takes about half the
+    time of ``F.linear`` with the layer's own (out, in) weight.
+    """
+
+    weight_t: torch.Tensor
+    bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> "_Affine":
+        return cls(linear.weight.t().contiguous(), linear.bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return x @ self.weight_t
+        return torch.addmm(self.bias, x, self.weight_t)
+
+
+class _BlockPlan(NamedTuple):
+    """A `RALDLayer` around its attention: residual, layer norms and feed-forward network, as `RALDLayer.forward`
+    computes them with dropout off."""
+
+    residual: bool
+    norm_first: bool
+    norm1: tuple | None  # layer-norm arguments (`_layer_norm_args`), pre-norm blocks only
+    norm2: tuple
+    fc1: _Affine
+    fc2: _Affine
+
+    def run(self, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        attended = attend(_layer_norm(self.norm1, x) if self.norm_first else x)
+        hidden = x + attended if self.residual else attended
+        inner = self.fc1(_layer_norm(self.norm2, hidden) if self.norm_first else hidden)
+        inner = _exact_gelu(inner) if inner.device.type == "cpu" and inner.dtype == torch.float32 else F.gelu(inner)
+        if self.norm_first:
+            return hidden + self.fc2(inner)
+        return _layer_norm(self.norm2, hidden + self.fc2(inner))
+
+
+class EvaluationPlan:
+    """RALD's image path after the backbone, as tensor operations on cached weights instead of module calls.
+
+    At batch 1 after a small backbone, the Python work of about 40 calls of small modules costs more than
+    their arithmetic. So evaluation calls without gradients run the head through this plan, which computes
+    the same values as the modules with dropout off. It runs the same computation on
+    weights laid out for it: each linear layer as one ``addmm`` with its weight transposed (`_Affine`), the
+    layer norms and the exact GELU as functions, and LGIFO's query and output projections folded into the
+    label keys and values (`LabelGuidedAttention.fold_labels`). The attention itself stays in the attention
+    modules' methods (`ImageRelationAttention.relate`, `LabelGuidedAttention.attend_folded`).
+
+    The plan is built with the inference constants, so it follows the same weight check (`RALDModel._weights_key`)
+    and is rebuilt whenever a weight of the head changes. It is built only when every module of the head (all
+    but the backbone and the label encoder) is of the class RALD creates, with no hooks, no ``forward`` set
+    on the instance and no ``compile()`` (`_is_plain`). Each call checks first (`applies`) that the same
+    modules, of the same classes, are still in place, and, if a hook was registered anywhere since the last
+    check, that none of them has one and no global forward hook exists; if not, the model calls its modules.
+    So a hook added at any time runs, and an adapter put in a module's place is used from the next call.
+    """
+
+    def __init__(self, model: "RALDModel", label_tokens: torch.Tensor, label_keys: torch.Tensor | None) -> None:
+        self._checked: list[tuple[dict, str, nn.Module]] = []
+        take = self._take
+        self.feature_norm = None
+        if model.feature_norm is not None:
+            norm = take(model, "feature_norm", nn.BatchNorm1d)
+            if norm.running_mean is None or norm.weight is None:
+                raise _NotPlannable("feature_norm without running statistics or affine weights")
+            self.feature_norm = (norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+        image_proj = take(model, "image_proj", nn.Linear, nn.Identity)
+        self.image_proj = _Affine.of(image_proj) if isinstance(image_proj, nn.Linear) else None
+
+        self.itrr = None
+        if model.itrr is not None:
+            layer = take(model, "itrr", RALDLayer)
+            attention = take(layer, "attention", ImageRelationAttention)
+            take(attention, "attention_dropout", nn.Dropout)
+            take(attention, "proj_dropout", nn.Dropout)
+            qkv, proj = _Affine.of(take(attention, "qkv", nn.Linear)), _Affine.of(take(attention, "proj", nn.Linear))
+            self.itrr = (self._block(layer), attention, qkv, proj)
+
+        self.lgifo = None
+        if model.lgifo is not None:
+            layer = take(model, "lgifo", RALDLayer)
+            attention = take(layer, "attention", LabelGuidedAttention)
+            for name in ("q", "k", "proj"):
+                take(attention, name, nn.Linear)
+            take(attention, "proj_dropout", nn.Dropout)
+            self.lgifo = (self._block(layer), attention, attention.fold_labels(label_tokens, label_keys))
+
+        final_norm = take(model, "final_norm", nn.LayerNorm, nn.Identity)
+        self.final_norm = _layer_norm_args(final_norm) if isinstance(final_norm, nn.LayerNorm) else None
+
+        # What `applies` compares on every call, as tuples that `map` walks in C.
+        self._parents, self._names, self._modules = (tuple(column) for column in zip(*self._checked, strict=True))
+        self._classes = tuple(map(type, self._modules))
+        self._handles_seen = RemovableHandle.next_id
+
+    @classmethod
+    def build(
+        cls, model: "RALDModel", label_tokens: torch.Tensor, label_keys: torch.Tensor | None
+    ) -> "EvaluationPlan | None":
+        """Return the plan of ``model``'s head, or ``None`` when a module of the head is not plain."""
+        try:
+            return cls(model, label_tokens, label_keys)
+        except _NotPlannable:
+            return None
+
+    def _take(self, parent: nn.Module, name: str, *classes: type) -> nn.Module:
+        """Return ``parent``'s child ``name`` if it is a plain module of one of ``classes``, and record it for
+        `applies`."""
+        module = parent._modules.get(name)
+        if type(module) not in classes or not _is_plain(module, type(module)):
+            raise _NotPlannable(f"{name} is {type(module).__name__}, not a plain {[c.__name__ for c in classes]}")
+        self._checked.append((parent._modules, name, module))
+        return module
+
+    def _block(self, layer: "RALDLayer") -> _BlockPlan:
+        take = self._take
+        norm1 = take(layer, "norm1", nn.LayerNorm if layer.norm_first else nn.Identity)
+        norm2 = take(layer, "norm2", nn.LayerNorm)
+        mlp = take(layer, "mlp", Mlp)
+        fc1, act, fc2 = take(mlp, "fc1", nn.Linear), take(mlp, "act", nn.GELU), take(mlp, "fc2", nn.Linear)
+        if act.approximate != "none":
+            raise _NotPlannable("the feed-forward network's GELU is not the exact one")
+        take(mlp, "drop1", nn.Dropout)
+        take(mlp, "norm", nn.Identity)
+        take(mlp, "drop2", nn.Dropout)
+        return _BlockPlan(
+            residual=layer.residual,
+            norm_first=layer.norm_first,
+            norm1=_layer_norm_args(norm1) if layer.norm_first else None,
+            norm2=_layer_norm_args(norm2),
+            fc1=_Affine.of(fc1),
+            fc2=_Affine.of(fc2),
+        )
+
+    def applies(self) -> bool:
+        """Return whether the modules the plan was built from are still in place and plain (see the class).
+
+        Every hook registration takes a number from `RemovableHandle`, so the hooks of the modules need a new
+        look only when that count has moved. ``forward`` set on an instance, or ``compile()``, after the plan
+        was built is not seen; the plan computes the same values, and ``clear_inference_cache`` drops it.
+        """
+        if tuple(map(dict.get, self._parents, self._names)) != self._modules:
+            return False  # a module was replaced, by an adapter for example
+        if tuple(map(type, self._modules)) != self._classes:
+            return False  # a module's class was changed in place, as torch.nn.utils.parametrize does
+        if RemovableHandle.next_id != self._handles_seen:
+            if _global_forward_hooks() or not all(_is_plain(module, type(module)) for module in self._modules):
+                return False
+            self._handles_seen = RemovableHandle.next_id
+        return True
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Compute `RALDModel.embed_features` (with running statistics): features (N, Dv) -> tokens (N, D)."""
+        if self.feature_norm is not None:
+            features = F.batch_norm(features, *self.feature_norm)
+        return features if self.image_proj is None else self.image_proj(features)
+
+    def relate(
+        self, tokens: torch.Tensor, mode: RelationMode, bank: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Compute the ITRR block on image tokens (N, D), as `RALDModel.itrr` does in evaluation."""
+        block, attention, qkv, proj = self.itrr
+
+        def attend(x: torch.Tensor) -> torch.Tensor:
+            q, k, v = _split_fused_heads(qkv(x), attention.num_heads, 3)
+            out, _ = attention.relate(q, k, v, mode=mode, bank=bank, need_scores=False)
+            return proj(out)
+
+        return block.run(tokens, attend)
+
+    def guide(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Compute the LGIFO block on image tokens (N, D), as `RALDModel.lgifo` does in evaluation."""
+        block, attention, folded = self.lgifo
+        return block.run(tokens, lambda x: attention.attend_folded(x, folded))
+
+    def run(
+        self, features: torch.Tensor, mode: RelationMode | None, bank: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the head on backbone features (N, Dv).
+
+        Returns:
+            The image tokens, the tokens after ITRR, the tokens after LGIFO, and the last hidden state, each
+            (N, D).
+        """
+        tokens = self.embed(features)
+        related = tokens if self.itrr is None else self.relate(tokens, mode, bank)
+        guided = related if self.lgifo is None else self.guide(related)
+        return tokens, related, guided, guided if self.final_norm is None else _layer_norm(self.final_norm, guided)
 
 
 class RALDPreTrainedModel(PreTrainedModel):
@@ -971,14 +1166,13 @@ class RALDModel(RALDPreTrainedModel):
     def _weights_key(self) -> tuple:
         """Return a key that changes whenever a weight the inference constants depend on changes.
 
-        It contains the storage address and the in-place version counter of every tensor that
-        `_compute_constants` reads (`_constant_sources`), and of the backbone's first and last parameters, which
-        represent the backbone in the reference bank's check. So an optimizer step, ``load_state_dict``, an
-        in-place edit of such a tensor or a device move changes it. The other tensors are left out because the
-        constants do not depend on them. Reading the counters of all 353 tensors of RALD on MobileNetV2 on every
-        call cost several percent of the forward pass at batch 1. The tensor list is kept between calls,
-        because walking the module tree costs more than reading the counters, and listed again after a mode
-        switch, a load or a device move.
+        It contains the storage address and the in-place version counter of every parameter and buffer outside
+        the backbone, which the constants and the evaluation plan are computed from (`_constant_sources`), and of
+        the backbone's first and last parameters, which represent the backbone in the reference bank's check. So
+        an optimizer step, ``load_state_dict``, an in-place edit of such a tensor or a device move changes it.
+        Reading the counters of all 353 tensors of RALD on MobileNetV2 on every call cost several percent of the
+        forward pass at batch 1. The tensor list is kept between calls, because walking the module tree costs
+        more than reading the counters, and listed again after a mode switch, a load or a device move.
         """
         if self._tracked_tensors is None:
             backbone = list(self.backbone.parameters())
@@ -990,7 +1184,7 @@ class RALDModel(RALDPreTrainedModel):
         """Return the label tokens, LGIFO label keys and (``with_bank``) bank keys and values.
 
         None of them depends on the images, so in evaluation-mode calls without gradients they are computed
-        once, with LGIFO's projections folded in (``label_attention``), and reused until a weight changes (see
+        once, together with the `EvaluationPlan` of the head, and reused until a weight changes (see
         `_weights_key`).
 
         Raises:
@@ -1000,7 +1194,7 @@ class RALDModel(RALDPreTrainedModel):
             # Weights may have changed before such a call and may change after it (an optimizer step, batch-norm
             # statistics), so the bank is checked in it and again in the next call.
             self._bank_checked = False
-            constants = self._compute_constants(with_bank, fold=False)
+            constants = self._compute_constants(with_bank, for_evaluation=False)
             self._bank_checked = False
             return constants
         # Constants computed under autocast have its dtype, so each autocast state keeps its own.
@@ -1009,42 +1203,31 @@ class RALDModel(RALDPreTrainedModel):
         key = (torch.is_inference_mode_enabled(), autocast, with_bank, self._weights_key())
         if self._constants is None or self._constants[0] != key:
             self._bank_checked = False
-            self._constants = (key, self._compute_constants(with_bank, fold=True))
+            self._constants = (key, self._compute_constants(with_bank, for_evaluation=True))
         elif with_bank:
             self._check_bank_fingerprint()
         return self._constants[1]
 
     def _constant_sources(self) -> list[torch.Tensor]:
-        """Return the parameters and buffers that `_compute_constants` reads. Keep the two methods in step."""
-        modules: list[nn.Module] = [self.label_encoder, self.image_proj]
-        if self.feature_norm is not None:
-            modules.append(self.feature_norm)
-        if self.itrr is not None:
-            modules += [self.itrr.norm1, self.itrr.attention.qkv]  # the bank's keys and values
-        if self.lgifo is not None:
-            attention = self.lgifo.attention
-            modules += [attention.k, attention.q, attention.proj]  # label keys and the folded projections
-        tensors = [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
-        return tensors + [self.reference_features]
+        """Return the tensors that `_compute_constants` reads: every parameter and buffer outside the backbone."""
+        backbone = {id(tensor) for tensor in (*self.backbone.parameters(), *self.backbone.buffers())}
+        return [tensor for tensor in (*self.parameters(), *self.buffers()) if id(tensor) not in backbone]
 
-    def _compute_constants(self, with_bank: bool, fold: bool) -> InferenceConstants:
-        """Compute the inference constants; ``fold`` adds LGIFO's folded projections, which only evaluation uses."""
+    def _compute_constants(self, with_bank: bool, for_evaluation: bool) -> InferenceConstants:
+        """Compute the inference constants; ``for_evaluation`` adds the `EvaluationPlan`, which only evaluation
+        calls without gradients use."""
         label_tokens = self.label_encoder()  # (C, D)
-        label_keys = label_attention = None
+        label_keys = None
         if self.lgifo is not None:
-            attention = self.lgifo.attention
-            label_keys = attention.project_keys(label_tokens)
-            if fold and attention.can_fold():  # otherwise `LabelGuidedAttention.forward_eval` calls the modules
-                label_attention = attention.fold_labels(label_tokens, label_keys)
+            label_keys = self.lgifo.attention.project_keys(label_tokens)
         bank = None
         if with_bank:
             self._check_bank_fingerprint()
             bank_tokens = self.embed_features(self.reference_features, use_running_stats=True)  # (M, D)
             keys, values = self.itrr.project_context(bank_tokens)  # 2 x (H, M, Dh), views of one projection
             bank = (keys.contiguous(), values.contiguous())
-        return InferenceConstants(
-            label_tokens=label_tokens, label_keys=label_keys, label_attention=label_attention, bank=bank
-        )
+        plan = EvaluationPlan.build(self, label_tokens, label_keys) if for_evaluation else None
+        return InferenceConstants(label_tokens=label_tokens, label_keys=label_keys, bank=bank, plan=plan)
 
     def _check_bank_fingerprint(self) -> None:
         """Raise when the backbone no longer has the weights the reference bank was built with.
@@ -1151,39 +1334,32 @@ class RALDModel(RALDPreTrainedModel):
         mode = self.resolve_relation_mode(relation_mode)
 
         backbone_features = self.extract_backbone_features(pixel_values)  # (N, Dv)
-        image_tokens = self.embed_features(backbone_features)  # (N, D)
-
         constants = self.inference_constants(with_bank=mode == "reference")
         label_tokens = constants.label_tokens  # (C, D)
-        # Evaluation without gradients takes the blocks' shorter path, which skips dropout and gives the same result.
-        evaluating = not self.training and not torch.is_grad_enabled()
+        # Only evaluation calls without gradients get a plan; it runs the head without module calls.
+        plan = constants.plan
+        if plan is not None and plan.applies():
+            image_tokens, related_tokens, guided_tokens, last_hidden_state = plan.run(
+                backbone_features, mode, constants.bank
+            )
+            hidden_states = (image_tokens, related_tokens, guided_tokens) if output_hidden_states else None
+            return _Encoding(last_hidden_state, None, None, backbone_features, label_tokens, hidden_states)
+
+        image_tokens = self.embed_features(backbone_features)  # (N, D)
         relations = None
         related_tokens = image_tokens
         offset = None
         if self.itrr is not None:
-            if evaluating:
-                related_tokens, relations = self.itrr.forward_eval(
-                    image_tokens, mode=mode, bank=constants.bank, need_scores=False
-                )
-            else:
-                context = None
-                if mode == "transductive" and self.training and self.uses_global_relations():
-                    context, offset = gather_across_processes(image_tokens)  # (N_global, D)
-                related_tokens, relations = self.itrr(
-                    image_tokens, context=context, mode=mode, bank=constants.bank, need_scores=self.training
-                )
+            context = None
+            if mode == "transductive" and self.training and self.uses_global_relations():
+                context, offset = gather_across_processes(image_tokens)  # (N_global, D)
+            related_tokens, relations = self.itrr(
+                image_tokens, context=context, mode=mode, bank=constants.bank, need_scores=self.training
+            )
 
         guided_tokens = related_tokens
         if self.lgifo is not None:
-            if evaluating:
-                guided_tokens, _ = self.lgifo.forward_eval(
-                    related_tokens,
-                    labels=label_tokens,
-                    label_keys=constants.label_keys,
-                    folded=constants.label_attention,
-                )
-            else:
-                guided_tokens, _ = self.lgifo(related_tokens, label_tokens, label_keys=constants.label_keys)
+            guided_tokens, _ = self.lgifo(related_tokens, label_tokens, label_keys=constants.label_keys)
         last_hidden_state = self.final_norm(guided_tokens)
 
         hidden_states = (image_tokens, related_tokens, guided_tokens) if output_hidden_states else None

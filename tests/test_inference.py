@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import parametrize
 from transformers import TrainerCallback, pipeline
 
 from rald_hf import LabelSpace, RALDConfig, RALDForImageClassification, RALDImageProcessor
-from rald_hf.modeling_rald import RALDLayer, _exact_gelu, select_reference_indices
+from rald_hf.modeling_rald import EvaluationPlan, _exact_gelu, select_reference_indices
 from rald_hf.training import ReferenceBankCallback, predict_images
 
 from .training.test_trainer import _args
@@ -40,23 +41,25 @@ def test_reference_logits_do_not_depend_on_batch(feature_norm):
     "overrides",
     [{}, {"norm_first": True}, {"attention_residual": False}, {"feature_norm": "batch_norm", "use_lgifo": False}],
 )
-def test_evaluation_path_matches_module_path(mode, overrides, monkeypatch):
+def test_evaluation_plan_matches_module_path(mode, overrides, monkeypatch):
     # Dropout must be skipped, not applied, so the model gets some.
     model = _model_with_bank(hidden_dropout_prob=0.3, attention_dropout_prob=0.3, **overrides)
-    shorter_calls = []
-    forward_eval = RALDLayer.forward_eval
-    monkeypatch.setattr(
-        RALDLayer, "forward_eval", lambda layer, *a, **k: shorter_calls.append(layer) or forward_eval(layer, *a, **k)
-    )
+    plan_calls = []
+    run = EvaluationPlan.run
+    monkeypatch.setattr(EvaluationPlan, "run", lambda plan, *a, **k: plan_calls.append(plan) or run(plan, *a, **k))
     images = tiny_images(9)
     with torch.no_grad():
-        shorter = model(images, relation_mode=mode, output_hidden_states=True)
-    assert len(shorter_calls) == (1 if "use_lgifo" in overrides else 2)
+        planned = model(images, relation_mode=mode, output_hidden_states=True)
+        alone = model(images[4:5], relation_mode=mode).logits
+    assert len(plan_calls) == 2
     full = model(images, relation_mode=mode, output_hidden_states=True)  # with gradients: the modules' forward
-    assert len(shorter_calls) == (1 if "use_lgifo" in overrides else 2)
-    torch.testing.assert_close(shorter.logits, full.logits.detach(), rtol=0, atol=1e-6)
-    for short_state, full_state in zip(shorter.hidden_states, full.hidden_states, strict=True):
-        torch.testing.assert_close(short_state, full_state.detach(), rtol=0, atol=1e-6)
+    assert len(plan_calls) == 2
+    # Float rounding differs between the two forms of the linear layers, by about 1e-7 of the values.
+    torch.testing.assert_close(planned.logits, full.logits.detach(), rtol=1e-6, atol=1e-6)
+    for planned_state, full_state in zip(planned.hidden_states, full.hidden_states, strict=True):
+        torch.testing.assert_close(planned_state, full_state.detach(), rtol=1e-6, atol=1e-6)
+    if mode != "transductive":
+        torch.testing.assert_close(alone, full.logits[4:5].detach(), rtol=0, atol=1e-5)
 
 
 def test_exact_gelu_matches_module():
@@ -70,30 +73,48 @@ class _GELUSubclass(torch.nn.GELU):
     pass
 
 
+class _Unchanged(torch.nn.Module):
+    """A parametrization that returns the weight as it is; registering it changes the layer's class."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
 @pytest.mark.parametrize(
     "change",
     [
-        lambda layer: layer.mlp.act.register_forward_hook(lambda *args: None),
-        lambda layer: setattr(layer.mlp, "act", torch.nn.GELU(approximate="tanh")),
-        lambda layer: setattr(layer.mlp, "act", _GELUSubclass()),
+        lambda model: model.rald.itrr.mlp.act.register_forward_hook(lambda *args: None),
+        lambda model: setattr(model.rald.itrr.mlp, "act", torch.nn.GELU(approximate="tanh")),
+        lambda model: setattr(model.rald.lgifo.mlp, "act", _GELUSubclass()),
+        lambda model: model.rald.itrr.attention.proj_dropout.register_forward_pre_hook(lambda *args: None),
+        lambda model: torch.nn.modules.module.register_module_forward_hook(lambda *args: None),
+        lambda model: parametrize.register_parametrization(model.rald.lgifo.mlp.fc2, "weight", _Unchanged()) and None,
     ],
-    ids=["hook", "tanh", "subclass"],
+    ids=["hook", "tanh", "subclass", "hook-on-dropout", "global-hook", "parametrized"],
 )
-def test_evaluation_gelu_only_when_plain(change, monkeypatch):
-    layer = _model_with_bank().rald.itrr
-    tokens = 10 * torch.randn(5, layer.norm2.normalized_shape[0], generator=torch.Generator().manual_seed(2))
-    module_calls = []
-    gelu_forward = torch.nn.GELU.forward
-    monkeypatch.setattr(torch.nn.GELU, "forward", lambda module, x: module_calls.append(1) or gelu_forward(module, x))
+def test_modules_run_when_not_plain(change, monkeypatch):
+    """Any change the plan cannot follow sends evaluation calls back to the modules, from the next call on."""
+    model = _model_with_bank()
+    images = tiny_images(5)
     with torch.no_grad():
-        computed, _ = layer.forward_eval(tokens, mode="self")
+        model(images)  # computes the constants, which calls the label encoder's modules
+    module_calls = []
+    forward = torch.nn.GELU.forward
+    monkeypatch.setattr(torch.nn.GELU, "forward", lambda module, x: module_calls.append(module) or forward(module, x))
+    with torch.no_grad():
+        planned = model(images).logits
         assert module_calls == []
-        expected, _ = layer(tokens, mode="self")  # the modules' forward pass
-        change(layer)
-        layer.forward_eval(tokens, mode="self")
-    assert module_calls == [1, 1]  # the module path above, then the changed activation
-    torch.testing.assert_close(computed, expected, rtol=0, atol=1e-6)
-    assert not torch.equal(computed, tokens)
+        handle = change(model)
+        try:
+            changed = model(images).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+    # Both blocks' activations ran as modules (a change that renews the constants also runs the label encoder's).
+    assert {model.rald.itrr.mlp.act, model.rald.lgifo.mlp.act} <= set(module_calls)
+    expected = model(images).logits.detach()  # with gradients: the modules' forward pass
+    torch.testing.assert_close(changed, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(planned, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_inner_model_hooks_still_run():
@@ -145,7 +166,7 @@ def test_folded_lgifo_yields_to_hooks():
     images = tiny_images(7)
     with torch.no_grad():
         folded_logits = model(images).logits
-        assert model.rald.inference_constants(with_bank=True).label_attention is not None
+        assert model.rald.inference_constants(with_bank=True).plan is not None
     torch.testing.assert_close(folded_logits, model(images).logits.detach(), rtol=0, atol=1e-6)
 
     # A hook on a folded layer must run, so the evaluation path calls that layer as a module again.
@@ -353,20 +374,24 @@ def test_constants_cache_tracks_read_tensors(overrides):
             before = rald.inference_constants(with_bank=True)
             tensor.mul_(1.1).add_(0.05)  # changes zeros too, and keeps variances positive
             cached = rald.inference_constants(with_bank=True)
-            fresh = rald._compute_constants(with_bank=True, fold=True)
+            fresh = rald._compute_constants(with_bank=True, for_evaluation=True)
             for got, expected in zip(_constant_tensors(cached), _constant_tensors(fresh), strict=True):
                 torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"stale constants after editing {name}")
             if cached is before:
                 cache_kept.append(name)
-    unread = {"itrr.mlp.fc1.weight", "itrr.attention.proj.bias", "lgifo.mlp.fc2.weight", "lgifo.norm2.weight"}
-    assert unread <= set(cache_kept)
-    assert "itrr.attention.qkv.weight" not in cache_kept
-    assert "label_encoder.proj.weight" not in cache_kept
+    # The plan holds transposed copies of the linear weights, so every edit outside the backbone renews the cache.
+    assert cache_kept == []
 
 
 def _constant_tensors(constants) -> list[torch.Tensor]:
-    bank = constants.bank or ()
-    return [constants.label_tokens, constants.label_keys, *(constants.label_attention or ()), *bank]
+    """Every tensor of the constants and of their evaluation plan, in a fixed order."""
+    plan = constants.plan
+    tensors = [constants.label_tokens, constants.label_keys, *(constants.bank or ())]
+    tensors += [*plan.image_proj, *(plan.feature_norm or ())[:4], *(plan.final_norm or ())[1:3]]
+    for block, *rest in (plan.itrr, plan.lgifo):
+        tensors += [*block.fc1, *block.fc2, *block.norm2[1:3], *(block.norm1 or ())[1:3]]
+        tensors += [tensor for part in rest[1:] for tensor in part]  # ITRR's qkv and proj, LGIFO's folded weights
+    return tensors
 
 
 class _LowRankAdapter(torch.nn.Module):
@@ -404,6 +429,18 @@ def test_bank_follows_adapter_on_projection():
     assert (values - plain_values).abs().max() > 0.01
 
 
+def test_adapter_used_from_the_next_call():
+    model = _model_with_bank()
+    images = tiny_images(5)
+    with torch.no_grad():
+        before = model(images).logits
+        model.rald.itrr.mlp.fc1 = _LowRankAdapter(model.rald.itrr.mlp.fc1)  # no mode switch in between
+        after = model(images).logits
+    expected = model(images).logits.detach()  # with gradients: the modules' forward pass
+    torch.testing.assert_close(after, expected, rtol=0, atol=1e-6)
+    assert (after - before).abs().max() > 1e-3
+
+
 def test_label_attention_with_adapter_on_query():
     model = _model_with_bank()
     attention = model.rald.lgifo.attention
@@ -412,7 +449,7 @@ def test_label_attention_with_adapter_on_query():
     images = tiny_images(5)
     with torch.no_grad():
         shorter = model(images).logits
-        assert model.rald.inference_constants(with_bank=True).label_attention is None
+        assert model.rald.inference_constants(with_bank=True).plan is None
     full = model(images).logits  # with gradients: the modules' forward
     torch.testing.assert_close(shorter, full.detach(), rtol=0, atol=1e-6)
 
