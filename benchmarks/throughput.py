@@ -360,6 +360,10 @@ def head_parts(args: argparse.Namespace) -> str:
         "RALD's backbone and pooling": lambda: extract_backbone_features(images),
     }
     plan = constants.plan
+    if plan is None:
+        raise RuntimeError(
+            "The head has no evaluation plan (a module of it has hooks or was replaced), so its parts cannot be timed"
+        )
     parts: list[tuple[str, Callable[[], Any]]] = [
         ("whole head: RALD with the backbone features given", lambda: rald(images)),
         ("weight check of the inference cache", lambda: model.inference_constants(with_bank=True)),

@@ -45,6 +45,7 @@ __all__ = [
 RelationMode = Literal["transductive", "reference", "self"]
 
 _version_counter = operator.attrgetter("_version")
+_training_flag = operator.attrgetter("training")
 
 # Uploads a model with its card and image processor; `rald_hf.hub` installs it on import. When this file
 # runs as remote code without rald_hf, push_to_hub keeps transformers' own behaviour.
@@ -272,15 +273,18 @@ def bank_fingerprints(backbone: nn.Module) -> str:
     return ",".join(dict.fromkeys(backbone_fingerprint(backbone, dtype) for dtype in dtypes))
 
 
-def _tensors_key(tensors: list[torch.Tensor], has_inference_tensors: bool) -> tuple:
+def _tensors_key(tensors: Sequence[torch.Tensor | None]) -> tuple:
     """Return the storage addresses and in-place version counters of the tensors, for spotting changed weights."""
-    if has_inference_tensors:
-        # Tensors created under torch.inference_mode have no version counter.
-        # NOTE: in-place edits of such tensors are not detected (see RALDModel.clear_inference_cache).
-        versions = tuple(-1 if tensor.is_inference() else tensor._version for tensor in tensors)
-    else:
-        versions = tuple(map(_version_counter, tensors))  # map with attrgetter loops in C: cheaper at batch 1
-    return tuple(map(torch.Tensor.data_ptr, tensors)), versions
+    try:
+        # map with a C function loops in C, which is cheaper at batch 1 than a generator.
+        return tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(_version_counter, tensors))
+    except (RuntimeError, TypeError):
+        # Tensors created under torch.inference_mode have no version counter, and a deleted tensor is None.
+        # NOTE: in-place edits of inference tensors are not detected (see RALDModel.clear_inference_cache).
+        return tuple(
+            None if tensor is None else (tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version)
+            for tensor in tensors
+        )
 
 
 def select_reference_indices(labels: torch.Tensor, size: int, per_class: bool, seed: int) -> torch.Tensor:
@@ -711,7 +715,7 @@ class EvaluationPlan:
         # What `applies` compares on every call, as tuples that `map` walks in C.
         self._parents, self._names, self._modules = (tuple(column) for column in zip(*self._checked, strict=True))
         self._classes = tuple(map(type, self._modules))
-        self._handles_seen = RemovableHandle.next_id
+        self._handles_seen = -1  # so that the first call also looks for global hooks
 
     @classmethod
     def build(
@@ -720,7 +724,8 @@ class EvaluationPlan:
         """Return the plan of ``model``'s head, or ``None`` when a module of the head is not plain."""
         try:
             return cls(model, label_tokens, label_keys)
-        except _NotPlannable:
+        except _NotPlannable as error:
+            logger.debug("Evaluation calls run the head's modules, without a plan: %s", error)
             return None
 
     def _take(self, parent: nn.Module, name: str, *classes: type) -> nn.Module:
@@ -759,14 +764,17 @@ class EvaluationPlan:
         look only when that count has moved. ``forward`` set on an instance, or ``compile()``, after the plan
         was built is not seen; the plan computes the same values, and ``clear_inference_cache`` drops it.
         """
+        handles = RemovableHandle.next_id  # read before the checks, so a hook registered meanwhile is seen next time
         if tuple(map(dict.get, self._parents, self._names)) != self._modules:
             return False  # a module was replaced, by an adapter for example
         if tuple(map(type, self._modules)) != self._classes:
             return False  # a module's class was changed in place, as torch.nn.utils.parametrize does
-        if RemovableHandle.next_id != self._handles_seen:
+        if any(map(_training_flag, self._modules)):
+            return False  # a module set to training on its own (batch-norm adaptation, Monte Carlo dropout)
+        if handles != self._handles_seen:
             if _global_forward_hooks() or not all(_is_plain(module, type(module)) for module in self._modules):
                 return False
-            self._handles_seen = RemovableHandle.next_id
+            self._handles_seen = handles
         return True
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
@@ -777,16 +785,22 @@ class EvaluationPlan:
 
     def relate(
         self, tokens: torch.Tensor, mode: RelationMode, bank: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> torch.Tensor:
-        """Compute the ITRR block on image tokens (N, D), as `RALDModel.itrr` does in evaluation."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Compute the ITRR block on image tokens (N, D), as `RALDModel.itrr` does in evaluation.
+
+        Returns:
+            The tokens after the block, and the relation scores (N, H, N) in transductive mode or ``None``.
+        """
         block, attention, qkv, proj = self.itrr
+        relations = None
 
         def attend(x: torch.Tensor) -> torch.Tensor:
+            nonlocal relations
             q, k, v = _split_fused_heads(qkv(x), attention.num_heads, 3)
-            out, _ = attention.relate(q, k, v, mode=mode, bank=bank, need_scores=False)
+            out, relations = attention.relate(q, k, v, mode=mode, bank=bank, need_scores=False)
             return proj(out)
 
-        return block.run(tokens, attend)
+        return block.run(tokens, attend), relations
 
     def guide(self, tokens: torch.Tensor) -> torch.Tensor:
         """Compute the LGIFO block on image tokens (N, D), as `RALDModel.lgifo` does in evaluation."""
@@ -795,17 +809,18 @@ class EvaluationPlan:
 
     def run(
         self, features: torch.Tensor, mode: RelationMode | None, bank: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """Run the head on backbone features (N, Dv).
 
         Returns:
-            The image tokens, the tokens after ITRR, the tokens after LGIFO, and the last hidden state, each
-            (N, D).
+            The image tokens, the tokens after ITRR, the tokens after LGIFO and the last hidden state, each
+            (N, D); and the ITRR relation scores in transductive mode, or ``None``.
         """
         tokens = self.embed(features)
-        related = tokens if self.itrr is None else self.relate(tokens, mode, bank)
+        related, relations = (tokens, None) if self.itrr is None else self.relate(tokens, mode, bank)
         guided = related if self.lgifo is None else self.guide(related)
-        return tokens, related, guided, guided if self.final_norm is None else _layer_norm(self.final_norm, guided)
+        last = guided if self.final_norm is None else _layer_norm(self.final_norm, guided)
+        return (tokens, related, guided, last), relations
 
 
 class RALDPreTrainedModel(PreTrainedModel):
@@ -1020,8 +1035,7 @@ class RALDModel(RALDPreTrainedModel):
 
         # Inference constants, reused while the key of `_weights_key` is unchanged.
         self._constants: tuple[tuple, InferenceConstants] | None = None
-        self._tracked_tensors: list[torch.Tensor] | None = None
-        self._has_inference_tensors = False
+        self._tracked_slots: tuple[tuple[dict, ...], tuple[str, ...]] | None = None
         # Whether the bank was checked against the backbone since the last event that may change it, and the
         # backbone's tensor key at that check (see _check_bank_fingerprint).
         self._bank_checked = False
@@ -1146,7 +1160,7 @@ class RALDModel(RALDPreTrainedModel):
 
     def _forget_tensors(self) -> None:
         """Drop the tracked tensor lists and every cached result, after tensors were replaced or reloaded."""
-        self._tracked_tensors = None
+        self._tracked_slots = None
         self._constants = None
         self._bank_checked = False
         self._backbone_key = None
@@ -1160,25 +1174,32 @@ class RALDModel(RALDPreTrainedModel):
         # Weights change hands between training and inference at a mode switch, so the bank is checked again.
         # The tracked tensors are listed again too, in case modules were replaced (by adapters such as LoRA).
         self._bank_checked = False
-        self._tracked_tensors = None
+        self._tracked_slots = None
         return super().train(mode)
 
     def _weights_key(self) -> tuple:
         """Return a key that changes whenever a weight the inference constants depend on changes.
 
         It contains the storage address and the in-place version counter of every parameter and buffer outside
-        the backbone, which the constants and the evaluation plan are computed from (`_constant_sources`), and of
+        the backbone, which the constants and the evaluation plan are computed from (`_constant_slots`), and of
         the backbone's first and last parameters, which represent the backbone in the reference bank's check. So
         an optimizer step, ``load_state_dict``, an in-place edit of such a tensor or a device move changes it.
-        Reading the counters of all 353 tensors of RALD on MobileNetV2 on every call cost several percent of the
-        forward pass at batch 1. The tensor list is kept between calls, because walking the module tree costs
-        more than reading the counters, and listed again after a mode switch, a load or a device move.
+        The tensors are read from their modules' parameter and buffer tables on every call, so a tensor put in
+        a parameter's place (``layer.weight = nn.Parameter(...)``, ``torch.func.functional_call``) changes it
+        too. Reading the counters of all 353 tensors of RALD on MobileNetV2 on every call cost several percent
+        of the forward pass at batch 1. The table entries are kept between calls, because walking the module
+        tree costs more than reading the counters, and listed again after a mode switch, a load or a device
+        move.
         """
-        if self._tracked_tensors is None:
-            backbone = list(self.backbone.parameters())
-            self._tracked_tensors = self._constant_sources() + backbone[:1] + backbone[-1:]
-            self._has_inference_tensors = any(tensor.is_inference() for tensor in self._tracked_tensors)
-        return _tensors_key(self._tracked_tensors, self._has_inference_tensors)
+        if self._tracked_slots is None:
+            backbone = [name for name, _ in self.backbone.named_parameters()]
+            slots = self._constant_slots()
+            for name in (backbone[0], backbone[-1]):
+                owner, _, leaf = name.rpartition(".")
+                slots.append((self.backbone.get_submodule(owner)._parameters, leaf))
+            owners, names = zip(*slots, strict=True)
+            self._tracked_slots = (owners, names)
+        return _tensors_key(tuple(map(dict.get, *self._tracked_slots)))
 
     def inference_constants(self, with_bank: bool) -> InferenceConstants:
         """Return the label tokens, LGIFO label keys and (``with_bank``) bank keys and values.
@@ -1208,10 +1229,16 @@ class RALDModel(RALDPreTrainedModel):
             self._check_bank_fingerprint()
         return self._constants[1]
 
-    def _constant_sources(self) -> list[torch.Tensor]:
-        """Return the tensors that `_compute_constants` reads: every parameter and buffer outside the backbone."""
-        backbone = {id(tensor) for tensor in (*self.backbone.parameters(), *self.backbone.buffers())}
-        return [tensor for tensor in (*self.parameters(), *self.buffers()) if id(tensor) not in backbone]
+    def _constant_slots(self) -> list[tuple[dict, str]]:
+        """Return where the tensors that `_compute_constants` reads are kept, as (a module's parameter or buffer
+        table, name) pairs: every parameter and buffer outside the backbone."""
+        slots = []
+        for name, module in self.named_modules():
+            if name == "backbone" or name.startswith("backbone."):
+                continue
+            for table in (module._parameters, module._buffers):
+                slots += [(table, key) for key, tensor in table.items() if tensor is not None]
+        return slots
 
     def _compute_constants(self, with_bank: bool, for_evaluation: bool) -> InferenceConstants:
         """Compute the inference constants; ``for_evaluation`` adds the `EvaluationPlan`, which only evaluation
@@ -1243,8 +1270,7 @@ class RALDModel(RALDPreTrainedModel):
         expected = self.config.reference_bank_fingerprint
         if expected is None:
             return
-        tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
-        key = _tensors_key(tensors, any(tensor.is_inference() for tensor in tensors))
+        key = _tensors_key([*self.backbone.parameters(), *self.backbone.buffers()])
         if key != self._backbone_key:
             if backbone_fingerprint(self.backbone) not in expected.split(","):
                 raise ValueError(
@@ -1339,11 +1365,11 @@ class RALDModel(RALDPreTrainedModel):
         # Only evaluation calls without gradients get a plan; it runs the head without module calls.
         plan = constants.plan
         if plan is not None and plan.applies():
-            image_tokens, related_tokens, guided_tokens, last_hidden_state = plan.run(
+            (image_tokens, related_tokens, guided_tokens, last_hidden_state), relations = plan.run(
                 backbone_features, mode, constants.bank
             )
             hidden_states = (image_tokens, related_tokens, guided_tokens) if output_hidden_states else None
-            return _Encoding(last_hidden_state, None, None, backbone_features, label_tokens, hidden_states)
+            return _Encoding(last_hidden_state, relations, None, backbone_features, label_tokens, hidden_states)
 
         image_tokens = self.embed_features(backbone_features)  # (N, D)
         relations = None
@@ -1423,7 +1449,12 @@ class RALDForImageClassification(RALDPreTrainedModel):
             return_dict: Return a `RALDImageClassifierOutput` instead of a tuple.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if not self.training and not torch.is_grad_enabled() and _is_plain(self.rald, RALDModel):
+        if (
+            not self.training
+            and not torch.is_grad_enabled()
+            and _is_plain(self.rald, RALDModel)
+            and not _global_forward_hooks()
+        ):
             outputs = self.rald._encode(pixel_values, relation_mode, output_hidden_states)
         else:  # training, and any hook on the inner model, needs its module call
             outputs = self.rald(

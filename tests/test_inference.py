@@ -441,6 +441,62 @@ def test_adapter_used_from_the_next_call():
     assert (after - before).abs().max() > 1e-3
 
 
+def test_global_hook_before_first_call():
+    model = _model_with_bank()
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: seen.append(module))
+    try:
+        with torch.no_grad():
+            model(tiny_images(3))
+    finally:
+        handle.remove()
+    assert model.rald in seen
+    assert model.rald.itrr.attention.qkv in seen
+    assert model.rald.lgifo.mlp.fc2 in seen
+
+
+def test_transductive_relations_in_evaluation():
+    model = _model_with_bank()
+    images = tiny_images(4)
+    with torch.no_grad():
+        planned = model(images, relation_mode="transductive").image_relations
+    expected = model(images, relation_mode="transductive").image_relations.detach()
+    assert planned.shape == (4, 3, 4)
+    torch.testing.assert_close(planned, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_head_module_in_training_mode():
+    """A head module set to training on its own (test-time batch-norm adaptation) runs as the modules do."""
+    model = _model_with_bank(feature_norm="batch_norm")
+    norm = model.rald.feature_norm
+    images = tiny_images(6)
+    with torch.no_grad():
+        evaluated = model(images, relation_mode="self").logits
+        running_mean = norm.running_mean.clone()
+        norm.train()
+        adapted = model(images, relation_mode="self").logits
+    assert (norm.running_mean - running_mean).abs().max() > 1e-6
+    assert (adapted - evaluated).abs().max() > 1e-4
+
+
+def test_functional_call_uses_given_weights():
+    model = _model_with_bank()
+    images = tiny_images(4)
+    halved = {
+        name: tensor.detach() * 0.5
+        for name, tensor in model.named_parameters()
+        if ".mlp." in name and not name.startswith("rald.label_encoder")
+    }
+    with torch.no_grad():
+        own = model(images).logits
+        borrowed = torch.func.functional_call(model, halved, (images,)).logits
+        again = model(images).logits
+    expected = torch.func.functional_call(model, halved, (images,)).logits.detach()  # with gradients: the modules
+    torch.testing.assert_close(borrowed, expected, rtol=1e-6, atol=1e-6)
+    assert (borrowed - own).abs().max() > 1e-4
+    torch.testing.assert_close(again, own, rtol=0, atol=0)
+
+
 def test_label_attention_with_adapter_on_query():
     model = _model_with_bank()
     attention = model.rald.lgifo.attention
