@@ -62,9 +62,9 @@ class _FieldTableOutput(ModelOutput):
     """`ModelOutput` whose field assignment looks the field names up in the dataclass's own table.
 
     ``ModelOutput.__setattr__`` collects the names anew on every assignment, and the dataclass constructor
-    assigns every field, so building an output object took about 20 µs in a hot loop and 60 µs right after a
-    MobileNetV2 call: at batch 1, most of a percent of the forward pass. The stored values and dict entries are
-    the same.
+    assigns every field. So building an output object took about 20 µs in a hot loop and 60 µs right after a
+    MobileNetV2 call, most of a percent of the forward pass at batch 1. The stored values and dict entries
+    are the same.
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -664,19 +664,20 @@ class EvaluationPlan:
 
     At batch 1 after a small backbone, the Python work of about 40 calls of small modules costs more than
     their arithmetic. So evaluation calls without gradients run the head through this plan, which computes
-    the same values as the modules with dropout off. It runs the same computation on
-    weights laid out for it: each linear layer as one ``addmm`` with its weight transposed (`_Affine`), the
-    layer norms and the exact GELU as functions, and LGIFO's query and output projections folded into the
-    label keys and values (`LabelGuidedAttention.fold_labels`). The attention itself stays in the attention
+    the same values as the modules with dropout off. Each linear layer becomes one
+    ``addmm`` with its weight transposed (`_Affine`), and the layer norms and the exact GELU become functions.
+    LGIFO's query and output projections are folded into the label keys and values
+    (`LabelGuidedAttention.fold_labels`). The attention itself stays in the attention
     modules' methods (`ImageRelationAttention.relate`, `LabelGuidedAttention.attend_folded`).
 
     The plan is built with the inference constants, so it follows the same weight check (`RALDModel._weights_key`)
     and is rebuilt whenever a weight of the head changes. It is built only when every module of the head (all
     but the backbone and the label encoder) is of the class RALD creates, with no hooks, no ``forward`` set
-    on the instance and no ``compile()`` (`_is_plain`). Each call checks first (`applies`) that the same
-    modules, of the same classes, are still in place, and, if a hook was registered anywhere since the last
-    check, that none of them has one and no global forward hook exists; if not, the model calls its modules.
-    So a hook added at any time runs, and an adapter put in a module's place is used from the next call.
+    on the instance and no ``compile()`` (`_is_plain`). Each call first checks (`applies`) that the same
+    modules, of the same classes, are still in place and in evaluation mode. After any hook registration,
+    and on the first call, it also checks that none of them has a hook and that no global forward hook
+    exists. If a check fails, the model calls its modules. So a hook added at any time runs, and an adapter
+    put in a module's place is used from the next call.
     """
 
     def __init__(self, model: "RALDModel", label_tokens: torch.Tensor, label_keys: torch.Tensor | None) -> None:
@@ -813,8 +814,8 @@ class EvaluationPlan:
         """Run the head on backbone features (N, Dv).
 
         Returns:
-            The image tokens, the tokens after ITRR, the tokens after LGIFO and the last hidden state, each
-            (N, D); and the ITRR relation scores in transductive mode, or ``None``.
+            A tuple of four (N, D) tensors (the image tokens, the tokens after ITRR, the tokens after LGIFO
+            and the last hidden state), and the ITRR relation scores in transductive mode or ``None``.
         """
         tokens = self.embed(features)
         related, relations = (tokens, None) if self.itrr is None else self.relate(tokens, mode, bank)

@@ -379,7 +379,7 @@ def test_constants_cache_tracks_read_tensors(overrides):
                 torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"stale constants after editing {name}")
             if cached is before:
                 cache_kept.append(name)
-    # The plan holds transposed copies of the linear weights, so every edit outside the backbone renews the cache.
+    # The plan keeps transposed copies of the linear weights, so every edit outside the backbone renews the cache.
     assert cache_kept == []
 
 
